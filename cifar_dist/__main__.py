@@ -1,0 +1,3 @@
+from cifar_dist.cli import main
+
+raise SystemExit(main())

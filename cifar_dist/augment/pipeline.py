@@ -1,0 +1,147 @@
+"""The augmentation stage of the batch path: uint8 batch on device → normalised float + soft targets.
+
+Order: to float in [0, 1]; translate (random crop, reflect fill); flip; rotate and perspective
+(one resampling, zero fill); colour jitter; cutout; normalise; mixup or cutmix; channels_last.
+Every random draw comes from one generator made by `make_generator(seed, rank, epoch, step)`,
+in a fixed order, so a (seed, rank, epoch, step) tuple gives bitwise the same batch.
+An op whose strength is 0 in the config is skipped, not run at strength 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import torch
+
+from cifar_dist.config import AugmentConfig
+
+from . import color, geometric, mix
+
+FLIP_MODES = ("random", "alternating", "none")
+
+
+def make_generator(seed: int, rank: int, epoch: int, step: int, device) -> torch.Generator:
+    """A generator on device whose seed is a 63-bit BLAKE2b hash of (seed, rank, epoch, step)."""
+    digest = hashlib.blake2b(struct.pack("<4q", seed, rank, epoch, step), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def _check_batch(images_uint8: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
+        raise ValueError(
+            "augmentation expects a uint8 batch of RGB images shaped (N, 3, H, W); got "
+            f"{images_uint8.dtype} {tuple(images_uint8.shape)} — pass the loader's raw uint8 batch"
+        )
+    if generator is not None and generator.device.type != images_uint8.device.type:
+        raise ValueError(
+            f"the generator lives on {generator.device} but the images on {images_uint8.device}; "
+            "make it with make_generator(..., device=images.device)"
+        )
+
+
+def _finish(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return images.contiguous(memory_format=memory_format)
+
+
+class EvalTransform:
+    """uint8 batch → normalised float32, no randomness."""
+
+    def __init__(self, channels_last: bool = True):
+        self.channels_last = channels_last
+        self._stats = {}
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        _check_batch(images_uint8)
+        device = images_uint8.device
+        if device not in self._stats:
+            self._stats[device] = color.channel_stats(device)
+        images = color.normalize(color.to_float01(images_uint8), *self._stats[device])
+        return _finish(images, self.channels_last)
+
+
+class TrainAugment:
+    """Training augmentation of whole batches on their device, driven by a seeded generator.
+
+    flip="alternating" (the speed-record variant) flips an image on even epochs when a bit
+    hashed from its pixels (with `seed`) is set, and on odd epochs when it is not: each image
+    alternates between flipped and not, whatever the shuffling, batch or rank it arrives in.
+    The hash weights come from a generator seeded with `seed` alone, independent of epoch.
+    """
+
+    def __init__(self, cfg: AugmentConfig, num_classes: int = 10, channels_last: bool = True, seed: int = 0):
+        if cfg.flip not in FLIP_MODES:
+            raise ValueError(f"augment.flip must be one of {', '.join(FLIP_MODES)}; got {cfg.flip!r}")
+        if cfg.crop_padding < 0 or cfg.cutout_size < 0 or cfg.rotate_degrees < 0:
+            raise ValueError(
+                "augment.crop_padding, augment.cutout_size and augment.rotate_degrees must be >= 0; got "
+                f"{cfg.crop_padding}, {cfg.cutout_size}, {cfg.rotate_degrees}"
+            )
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.channels_last = channels_last
+        self.seed = seed
+        self._stats = {}
+        self._hash_weights = {}
+
+    def _flip_mask(self, images_uint8: torch.Tensor, generator: torch.Generator, epoch: int):
+        if self.cfg.flip == "random":
+            return geometric.random_flip_mask(images_uint8.shape[0], generator)
+        if self.cfg.flip == "alternating":
+            key = (images_uint8.device, images_uint8[0].numel())
+            if key not in self._hash_weights:
+                self._hash_weights[key] = geometric.image_hash_weights(key[1], self.seed, key[0])
+            bits = geometric.stable_image_bits(images_uint8, self._hash_weights[key])
+            return geometric.alternating_flip_mask(bits, epoch)
+        return None
+
+    def _warp(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        n, _, h, w = images.shape
+        rotating = cfg.rotate_degrees > 0
+        distorting = cfg.perspective_prob > 0 and cfg.perspective_distortion > 0
+        if not rotating and not distorting:
+            return images
+        matrices = geometric.identity_matrices(n, images.device)
+        if rotating:
+            angles = geometric.random_angles(n, cfg.rotate_degrees, generator)
+            matrices = geometric.rotation_matrices(angles, h, w)
+        if distorting:
+            start, end, applied = geometric.random_perspective_points(
+                n, h, w, cfg.perspective_distortion, cfg.perspective_prob, generator
+            )
+            matrices = matrices @ geometric.perspective_matrices(start, end, h, w)
+        warped = geometric.warp(images, matrices)
+        if rotating:
+            return warped
+        # Only perspective: samples it was not applied to keep their exact pixels.
+        return torch.where(applied.view(-1, 1, 1, 1), warped, images)
+
+    def __call__(self, images_uint8: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, epoch: int = 0):
+        """Returns (normalised float32 images, soft targets (N, num_classes))."""
+        _check_batch(images_uint8, generator)
+        cfg = self.cfg
+        n, _, h, w = images_uint8.shape
+        if cfg.crop_padding >= min(h, w):
+            raise ValueError(f"augment.crop_padding must be smaller than the image side {min(h, w)}; got {cfg.crop_padding}")
+        flip_mask = self._flip_mask(images_uint8, generator, epoch)
+
+        images = color.to_float01(images_uint8)
+        if cfg.crop_padding > 0:
+            images = geometric.random_translate(images, cfg.crop_padding, generator)
+        if flip_mask is not None:
+            images = geometric.flip(images, flip_mask)
+        images = self._warp(images, generator)
+        factors = color.random_jitter_factors(n, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator)
+        images = color.color_jitter(images, *factors)
+        if cfg.cutout_size > 0:
+            images = geometric.random_cutout(images, cfg.cutout_size, generator)
+
+        device = images.device
+        if device not in self._stats:
+            self._stats[device] = color.channel_stats(device)
+        images = color.normalize(images, *self._stats[device])
+        images, targets, _ = mix.mix_batch(
+            images, labels, self.num_classes, cfg.mixup_prob, cfg.cutmix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, generator
+        )
+        return _finish(images, self.channels_last), targets

@@ -1,0 +1,177 @@
+"""`cifar-dist prepare`: raw CIFAR-10 → train/val/test .beton files and manifest.json.
+
+Idempotent (same inputs and options: nothing rewritten) and atomic (betons are written under
+temporary names; the manifest that vouches for them is removed first and written last, so an
+interrupted prepare never leaves a beton that a loader would accept).
+"""
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from cifar_dist.config import DataConfig
+from cifar_dist.data.cifar import CLASS_NAMES, NUM_CLASSES, DataError, load_cifar10, sha256_file
+from cifar_dist.data.splits import SPLITS, split_arrays
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+TMP_PREFIX = ".tmp-"
+
+
+def require_ffcv():
+    """Import ffcv or fail with a message naming the package and how to get it."""
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as err:
+        raise DataError(
+            f"the 'ffcv' package is needed for .beton files but cannot be imported ({err}); "
+            "install it with `pip install -e .[ffcv]` (after `apt-get install pkg-config libopencv-dev "
+            "libturbojpeg0-dev`), or use data.loader=gpu or data.loader=torchvision, which need no beton"
+        ) from None
+    return ffcv
+
+
+def ffcv_version() -> str:
+    try:
+        return metadata.version("ffcv")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+class _ArrayDataset:
+    """The indexable dataset FFCV's writer asks for: (HWC uint8 image, int label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], int(self.labels[index])
+
+
+def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, num_workers: int) -> None:
+    """Write one split as raw RGB images and int labels."""
+    require_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
+    writer = DatasetWriter(str(path), fields, num_workers=max(1, num_workers))
+    writer.from_indexed_dataset(_ArrayDataset(images, labels), chunksize=500)
+
+
+def expected_inputs(cfg: DataConfig, source_checksums: dict) -> dict:
+    """What a set of betons depends on: when any of it changes they are rebuilt."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "val_fraction": cfg.val_fraction,
+        "split_seed": cfg.split_seed,
+        "source_checksums": source_checksums,
+        "ffcv_version": ffcv_version(),
+    }
+
+
+def read_manifest(beton_dir: Path) -> dict | None:
+    path = beton_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: unreadable manifest ({err}); delete it and run `cifar-dist prepare`") from None
+
+
+def verify_betons(beton_dir: Path, manifest: dict, splits=SPLITS) -> None:
+    """Each beton exists with the size and sha256 the manifest recorded."""
+    for split in splits:
+        entry = manifest["splits"][split]
+        path = beton_dir / entry["file"]
+        if not path.is_file():
+            raise DataError(f"{path} is missing although {beton_dir / MANIFEST} lists it; "
+                            "run `cifar-dist prepare --force` to rebuild")
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise DataError(f"{path} does not match the checksum in {beton_dir / MANIFEST}: it is corrupted "
+                            "or was modified; run `cifar-dist prepare --force` to rebuild it")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_stale_temporaries(beton_dir: Path) -> None:
+    for stale in beton_dir.glob(f"{TMP_PREFIX}*"):
+        stale.unlink(missing_ok=True)
+
+
+def prepare(cfg: DataConfig, force: bool = False, log=print) -> Path:
+    """Write train/val/test betons and manifest.json under cfg.beton_path(); return the manifest path."""
+    require_ffcv()
+    beton_dir = cfg.beton_path()
+    arrays = load_cifar10(cfg.root, download=cfg.download, npz_name=cfg.npz_name)
+    inputs = expected_inputs(cfg, arrays.checksums)
+    manifest = read_manifest(beton_dir)
+    if manifest is not None and manifest.get("inputs") == inputs and not force:
+        verify_betons(beton_dir, manifest)
+        log(f"betons in {beton_dir} are up to date with {arrays.source}; nothing rewritten")
+        return beton_dir / MANIFEST
+
+    beton_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(beton_dir)
+    splits = split_arrays(arrays, cfg.val_fraction, cfg.split_seed)
+    temporaries = {}
+    for split in SPLITS:
+        images, labels = splits[split]
+        tmp = beton_dir / f"{TMP_PREFIX}{split}.beton.{os.getpid()}"
+        log(f"writing {split}.beton: {len(labels)} images")
+        if len(labels):
+            write_beton(tmp, images, labels, cfg.num_workers)
+        else:
+            tmp.write_bytes(b"")  # an empty val split (val_fraction=0): no beton content
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        temporaries[split] = tmp
+
+    (beton_dir / MANIFEST).unlink(missing_ok=True)  # from here on, no manifest vouches for old files
+    entries = {}
+    for split, tmp in temporaries.items():
+        final = beton_dir / f"{split}.beton"
+        os.replace(tmp, final)
+        labels = splits[split][1]
+        entries[split] = {
+            "file": final.name,
+            "num_images": int(len(labels)),
+            "per_class": np.bincount(labels, minlength=NUM_CLASSES).tolist(),
+            "bytes": final.stat().st_size,
+            "sha256": sha256_file(final),
+        }
+    manifest = {"inputs": inputs, "source": arrays.source, "class_names": list(CLASS_NAMES), "splits": entries}
+    atomic_write_text(beton_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    counts = ", ".join(f"{split}: {entry['num_images']}" for split, entry in entries.items())
+    log(f"wrote {counts} images to {beton_dir}")
+    return beton_dir / MANIFEST
+
+
+def checked_beton(cfg: DataConfig, split: str) -> tuple[Path, dict]:
+    """The beton of one split, verified against its manifest, for a loader to read."""
+    beton_dir = cfg.beton_path()
+    manifest = read_manifest(beton_dir)
+    if manifest is None:
+        raise DataError(f"no {MANIFEST} in {beton_dir}: the betons are missing or incomplete; "
+                        f"run `cifar-dist prepare data.root={cfg.root}` first")
+    if manifest["inputs"]["val_fraction"] != cfg.val_fraction or manifest["inputs"]["split_seed"] != cfg.split_seed:
+        raise DataError(f"{beton_dir / MANIFEST} was written with val_fraction="
+                        f"{manifest['inputs']['val_fraction']} split_seed={manifest['inputs']['split_seed']}, "
+                        f"but the config asks for {cfg.val_fraction} / {cfg.split_seed}; rerun `cifar-dist prepare`")
+    verify_betons(beton_dir, manifest, splits=(split,))
+    return beton_dir / manifest["splits"][split]["file"], manifest["splits"][split]

@@ -1,0 +1,198 @@
+"""Loaders behind one interface: iterate to get (uint8 NCHW images, int64 labels) on the device.
+
+- `ffcv`: FFCV `Loader` over the betons (decode and move only).
+- `gpu`: the whole split resident on the device, a seeded permutation per epoch.
+- `torchvision`: a `DataLoader` with the reference project's per-image PIL transforms (baseline).
+
+Training loaders reshuffle per epoch from (seed, epoch), shard across ranks and drop the last
+partial batch. Evaluation loaders give each rank a contiguous, unpadded shard, so every image is
+counted exactly once across ranks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cifar_dist.config import AugmentConfig, DataConfig
+from cifar_dist.data.beton import checked_beton, require_ffcv
+from cifar_dist.data.splits import load_split
+
+
+def shard_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous evaluation shard; sizes differ by at most one."""
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The same global order on every rank and device for a given (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
+class GpuLoader:
+    """The whole split kept on the device as uint8; batches are index gathers."""
+
+    host_augmented = False
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, train: bool, seed: int,
+                 rank: int, world_size: int, device: torch.device):
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        if not train:
+            start, stop = shard_bounds(len(labels), rank, world_size)
+            images, labels = images[start:stop], labels[start:stop]
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        self.total = len(labels)
+        per_rank = self.total // world_size if train else self.total
+        self.num_batches = per_rank // batch_size if train else -(-per_rank // batch_size)
+        self.num_samples = self.num_batches * batch_size if train else per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample order for the current epoch."""
+        if not self.train:
+            return torch.arange(self.total)
+        per_rank = self.total // self.world_size
+        order = epoch_permutation(self.total, self.seed, self.epoch)
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank][: self.num_samples]
+
+    def __iter__(self):
+        order = self.indices().to(self.labels.device)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            yield self.images[batch], self.labels[batch]
+
+
+class FfcvLoader:
+    """FFCV's Loader over one beton; `distributed=True` for training with several ranks."""
+
+    host_augmented = False
+
+    def __init__(self, cfg: DataConfig, split: str, batch_size: int, train: bool, seed: int,
+                 rank: int, world_size: int, device: torch.device):
+        require_ffcv()
+        from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        path, entry = checked_beton(cfg, split)
+        total = entry["num_images"]
+        if train:
+            if cfg.train_subset:
+                total = min(total, cfg.train_subset)
+            indices = np.arange(total)
+            order, distributed, drop_last = OrderOption.RANDOM, world_size > 1, True
+        else:
+            indices = np.arange(*shard_bounds(total, rank, world_size))
+            order, distributed, drop_last = OrderOption.SEQUENTIAL, False, False
+        pipelines = {
+            "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
+                      ToTorchImage(channels_last=True)],
+            "label": [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)],
+        }
+        self.loader = Loader(str(path), batch_size=batch_size, num_workers=max(1, cfg.num_workers),
+                             order=order, distributed=distributed, seed=seed, indices=indices,
+                             drop_last=drop_last, pipelines=pipelines, os_cache=True)
+        self.num_samples = len(self.loader) * batch_size if train else len(indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield images, labels.long().reshape(-1)
+
+
+class _PilDataset(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        image = Image.fromarray(self.images[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return pil_to_tensor(image), int(self.labels[index])
+
+
+def reference_pil_transforms(cfg: AugmentConfig):
+    """The reference project's per-image transforms (before ToTensor/normalize)."""
+    from torchvision import transforms as T
+
+    steps = []
+    if cfg.crop_padding:
+        steps.append(T.RandomCrop(32, padding=cfg.crop_padding, padding_mode="reflect"))
+    if cfg.flip != "none":
+        steps.append(T.RandomHorizontalFlip())
+    if cfg.rotate_degrees:
+        steps.append(T.RandomRotation(cfg.rotate_degrees))
+    if any((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):
+        steps.append(T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
+    if cfg.perspective_distortion and cfg.perspective_prob:
+        steps.append(T.RandomPerspective(cfg.perspective_distortion, p=cfg.perspective_prob))
+    return T.Compose(steps)
+
+
+class TorchvisionLoader:
+    """A DataLoader with per-image PIL augmentation in worker processes: the baseline."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, train: bool, seed: int,
+                 rank: int, world_size: int, device: torch.device, num_workers: int,
+                 augment: AugmentConfig | None):
+        self.device, self.seed, self.epoch = device, seed, 0
+        self.host_augmented = train and augment is not None
+        if train:
+            dataset = _PilDataset(images, labels, reference_pil_transforms(augment) if augment else None)
+            self.sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        else:
+            start, stop = shard_bounds(len(labels), rank, world_size)
+            dataset = _PilDataset(images[start:stop], labels[start:stop])
+            self.sampler = torch.utils.data.SequentialSampler(dataset)
+        self.generator = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train, num_workers=num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=False, generator=self.generator)
+        self.num_samples = len(self.loader) * batch_size if train else len(dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)  # per-worker PIL randomness
+        for images, labels in self.loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def build_loader(cfg: DataConfig, split: str, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device: torch.device | str = "cpu", augment: AugmentConfig | None = None):
+    """The loader named by cfg.loader for one split; batch_size is per rank."""
+    device = torch.device(device)
+    if cfg.loader == "ffcv":
+        return FfcvLoader(cfg, split, batch_size, train, seed, rank, world_size, device)
+    images, labels = load_split(cfg, split)
+    if cfg.loader == "gpu":
+        return GpuLoader(images, labels, batch_size, train, seed, rank, world_size, device)
+    return TorchvisionLoader(images, labels, batch_size, train, seed, rank, world_size, device,
+                             cfg.num_workers, augment)

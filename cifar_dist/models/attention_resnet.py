@@ -1,0 +1,100 @@
+"""The reference model: a ResNet whose blocks apply channel then spatial attention (CBAM-style).
+
+At the defaults (width 31, 10 classes) it has 4,913,705 trainable parameters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cifar_dist.config import ModelConfig
+from cifar_dist.models.resnet import conv_bn, kaiming_init, shortcut
+
+STAGE_MULTIPLIERS = (2, 4, 8, 8)  # stage widths as multiples of the stem width
+STAGE_STRIDES = (1, 2, 2, 1)
+
+
+def attention_hidden_channels(channels: int) -> int:
+    """Width of the channel-attention MLP: C // r with reduction r = max(C // 16, 4)."""
+    reduction = max(channels // 16, 4)
+    return max(channels // reduction, 1)
+
+
+class ChannelAttention(nn.Module):
+    """Rescale channels by the sum of sigmoid(MLP(avg-pool)) and sigmoid(MLP(max-pool))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = attention_hidden_channels(channels)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg = torch.sigmoid(self.mlp(x.mean(dim=(2, 3), keepdim=True)))
+        peak = torch.sigmoid(self.mlp(x.amax(dim=(2, 3), keepdim=True)))
+        return x * (avg + peak)
+
+
+class SpatialAttention(nn.Module):
+    """Rescale positions by sigmoid(7x7 conv of the channel-wise mean and max)."""
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(pooled))
+
+
+class AttentionBlock(nn.Module):
+    """Basic residual block with channel and spatial attention on the residual branch."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            conv_bn(in_channels, out_channels, 3, stride),
+            nn.ReLU(inplace=True),
+            conv_bn(out_channels, out_channels, 3),
+            ChannelAttention(out_channels),
+            SpatialAttention(),
+        )
+        self.shortcut = shortcut(in_channels, out_channels, stride)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.residual(x) + self.shortcut(x))
+
+
+class AttentionResNet(nn.Module):
+    """Stem, four stages of two attention blocks, 1x1 conv head, average pool, dropout, linear."""
+
+    def __init__(self, width: int = 31, num_classes: int = 10, dropout: float = 0.3):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, width, 3), nn.ReLU(inplace=True))
+        blocks, in_channels = [], width
+        for multiplier, stride in zip(STAGE_MULTIPLIERS, STAGE_STRIDES):
+            out_channels = width * multiplier
+            blocks += [AttentionBlock(in_channels, out_channels, stride), AttentionBlock(out_channels, out_channels, 1)]
+            in_channels = out_channels
+        self.stages = nn.Sequential(*blocks)
+        self.head = nn.Sequential(conv_bn(in_channels, in_channels, 1), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels, num_classes)
+        kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.stages(self.stem(x)))
+        return self.fc(self.dropout(x.mean(dim=(2, 3))))
+
+
+def build(cfg: ModelConfig) -> AttentionResNet:
+    """The reference model at cfg.width (stem channels) with cfg.dropout before the classifier."""
+    if cfg.width < 1:
+        raise ValueError(f"model.width must be at least 1 for attention_resnet; got {cfg.width}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1); got {cfg.dropout}")
+    return AttentionResNet(cfg.width, cfg.num_classes, cfg.dropout)

@@ -1,0 +1,120 @@
+"""The fast net of the CIFAR-10 speed records (after Keller Jordan's airbench94).
+
+A frozen 2x2 patch-whitening conv, three conv groups (conv, max-pool, BN, GELU, conv, BN, GELU),
+a global max-pool and a bias-free linear classifier whose logits are scaled by cfg.scale.
+The whitening weights come from training images: call `init_from_data` before training.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cifar_dist.config import ModelConfig
+
+WHITEN_KERNEL = 2
+WHITEN_CHANNELS = 2 * 3 * WHITEN_KERNEL**2  # every eigen-direction of a 2x2x3 patch and its negative
+BN_EPS = 1e-12  # airbench's value: the frozen BN scale makes a larger eps a needless bias
+WHITEN_EPS = 5e-4  # added to the eigenvalues so that near-null directions are not blown up
+
+
+def frozen_scale_bn(channels: int, bn_momentum: float) -> nn.BatchNorm2d:
+    """BatchNorm whose scale stays 1 (only the bias trains).
+
+    bn_momentum follows airbench's convention: it is the weight of the old running statistics,
+    so torch's momentum (the weight of the new batch) is 1 - bn_momentum.
+    """
+    norm = nn.BatchNorm2d(channels, eps=BN_EPS, momentum=1.0 - bn_momentum)
+    norm.weight.requires_grad_(False)  # a plain BatchNorm2d, so convert_sync_batchnorm keeps this
+    return norm
+
+
+def dirac_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """3x3 'same' conv whose first in_channels filters start as the identity (an implicit residual)."""
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:in_channels])
+    return conv
+
+
+class ConvGroup(nn.Module):
+    """conv -> max-pool 2 -> BN -> GELU -> conv -> BN -> GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float):
+        super().__init__()
+        self.conv1 = dirac_conv(in_channels, out_channels)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = frozen_scale_bn(out_channels, bn_momentum)
+        self.conv2 = dirac_conv(out_channels, out_channels)
+        self.norm2 = frozen_scale_bn(out_channels, bn_momentum)
+        self.activation = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activation(self.norm1(self.pool(self.conv1(x))))
+        return self.activation(self.norm2(self.conv2(x)))
+
+
+class FastNet(nn.Module):
+    """Whitening conv, three conv groups, global max-pool, scaled linear classifier."""
+
+    def __init__(self, widths=(64, 256, 256), num_classes: int = 10, bn_momentum: float = 0.6,
+                 scale: float = 1 / 9):
+        super().__init__()
+        # Frozen weight (set by init_from_data); the bias trains, as in airbench, where the
+        # trainer may freeze it after a few epochs.
+        self.whiten = nn.Conv2d(3, WHITEN_CHANNELS, WHITEN_KERNEL, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        nn.init.zeros_(self.whiten.bias)
+        self.activation = nn.GELU()
+        groups, in_channels = [], WHITEN_CHANNELS
+        for width in widths:
+            groups.append(ConvGroup(in_channels, width, bn_momentum))
+            in_channels = width
+        self.groups = nn.Sequential(*groups)
+        self.fc = nn.Linear(in_channels, num_classes, bias=False)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(self.activation(self.whiten(x)))
+        return self.fc(x.amax(dim=(2, 3))) * self.scale
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = WHITEN_EPS) -> None:
+        """Set the whitening filters from the 2x2 patch covariance of normalized images (N x 3 x H x W)."""
+        weight = self.whiten.weight
+        eigenvalues, eigenvectors = patch_eigenbasis(images.to(weight.device), WHITEN_KERNEL)
+        filters = eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]  # rows: directions, largest first
+        filters = filters.reshape(-1, 3, WHITEN_KERNEL, WHITEN_KERNEL)
+        # The negated copies let the GELU after this layer pass both signs of every direction.
+        weight.copy_(torch.cat([filters, -filters]).to(weight.dtype))
+
+
+def patch_eigenbasis(images: torch.Tensor, kernel: int, chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns) of the covariance of all kernel x kernel patches."""
+    # Patches are flattened in conv-weight order (channel, row, column). Sums are accumulated in
+    # float64 over chunks so that 50,000 images never need all their patches in memory at once.
+    dim = images.shape[1] * kernel * kernel
+    total = torch.zeros(dim, dtype=torch.float64, device=images.device)
+    outer = torch.zeros(dim, dim, dtype=torch.float64, device=images.device)
+    count = 0
+    for start in range(0, len(images), chunk):
+        batch = images[start:start + chunk].double()
+        patches = batch.unfold(2, kernel, 1).unfold(3, kernel, 1)  # N, C, H', W', k, k
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, dim)
+        total += patches.sum(dim=0)
+        outer += patches.T @ patches
+        count += len(patches)
+    mean = total / count
+    covariance = outer / count - torch.outer(mean, mean)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    return eigenvalues.flip(0).float(), eigenvectors.flip(1).float()
+
+
+def build(cfg: ModelConfig) -> FastNet:
+    """The fast net with conv-group widths cfg.widths, BN momentum cfg.bn_momentum, logit scale cfg.scale."""
+    if len(cfg.widths) != 3 or not all(isinstance(w, int) and w >= 1 for w in cfg.widths):
+        raise ValueError(f"model.widths must be three positive integers for the fast net; got {cfg.widths}")
+    if not 0.0 <= cfg.bn_momentum < 1.0:
+        raise ValueError(
+            f"model.bn_momentum is the weight of the old BN statistics and must be in [0, 1); got {cfg.bn_momentum}"
+        )
+    return FastNet(tuple(cfg.widths), cfg.num_classes, cfg.bn_momentum, cfg.scale)

@@ -1,0 +1,325 @@
+"""RunLogger: metric files, plot, progress lines, wandb offline / disabled / missing. CPU only, no network."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cifar_dist.config import LoggingConfig, WandbConfig
+from cifar_dist.engine.logging import RunLogger
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLASS_NAMES = ["airplane", "automobile", "bird"]
+PER_CLASS = {"model": [0.91, 0.875, 0.5], "ema": [0.93, 0.9, 0.625]}
+CONFUSION = [[91, 4, 5], [6, 87, 7], [20, 30, 50]]
+CONFIG_DICT = {"train": {"lr": 0.1, "epochs": 3}, "model": {"name": "fast"}}
+
+
+def _cfg(mode: str = "disabled", plot: bool = True, print_every_steps: int = 50) -> LoggingConfig:
+    return LoggingConfig(print_every_steps=print_every_steps, plot=plot,
+                         wandb=WandbConfig(mode=mode, project="cifar_dist_tests", tags=["test"]))
+
+
+def _record(epoch: int) -> dict:
+    """Distinct values per epoch and key, so a value landing in the wrong place is caught."""
+    record = {
+        "epoch": epoch, "global_step": 10 * epoch,
+        "train_loss": 2.0 / epoch + 0.0123, "train_acc": 0.3 + 0.1 * epoch,
+        "val_loss": 1.9 / epoch + 0.0456, "val_acc": 0.35 + 0.1 * epoch,
+        "ema_val_loss": 1.8 / epoch + 0.0789, "ema_val_acc": 0.4 + 0.1 * epoch,
+        "lr": 0.1 / epoch, "images_per_s": 1000.5 * epoch, "epoch_s": 3.25 * epoch,
+        "peak_memory_mb": 512.0 + epoch,
+    }
+    if epoch == 2:
+        record["grad_norm"] = 1.75  # an extra key present in one epoch only
+    return record
+
+
+def _run_epochs(logger: RunLogger, epochs) -> None:
+    for epoch in epochs:
+        logger.start_epoch(epoch, 4)
+        for step_in_epoch in range(1, 5):
+            logger.step(step_in_epoch, 10 * (epoch - 1) + step_in_epoch, 1.0 / step_in_epoch, 0.1)
+        logger.end_epoch(_record(epoch))
+
+
+def _metrics_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_disabled_logger_writes_prints_and_starts_nothing(tmp_path, capsys):
+    existing_dir, missing_dir = tmp_path / "existing", tmp_path / "missing"
+    existing_dir.mkdir()
+    for run_dir in (existing_dir, missing_dir):
+        # wandb offline is asked for: a rank > 0 must not start it either.
+        logger = RunLogger(run_dir, _cfg(mode="offline"), enabled=False, config_dict=CONFIG_DICT)
+        _run_epochs(logger, [1, 2])
+        logger.load_history([_record(1)])
+        logger.log_final(PER_CLASS, CONFUSION, CLASS_NAMES)
+        logger.close()
+        assert logger.history == []
+        assert logger.wandb_run_id is None
+    assert list(existing_dir.iterdir()) == []
+    assert not missing_dir.exists()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_three_epochs_fill_metrics_summary_and_plot(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    logger = RunLogger(run_dir, _cfg(), enabled=True, config_dict=CONFIG_DICT)
+    _run_epochs(logger, [1, 2, 3])
+    logger.close()
+    records = [_record(epoch) for epoch in (1, 2, 3)]
+
+    assert _metrics_lines(run_dir) == records
+    assert logger.history == records
+
+    summary = pd.read_csv(run_dir / "summary.csv")
+    expected_columns = list(_record(1)) + ["grad_norm"]
+    assert list(summary.columns) == expected_columns
+    assert len(summary) == 3
+    for row, record in zip(summary.to_dict("records"), records):
+        for key in expected_columns:
+            if key in record:
+                assert row[key] == pytest.approx(record[key], rel=1e-12), key
+            else:
+                assert math.isnan(row[key]), key
+
+    png = run_dir / "training_history.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[0] >= 300 and pixels.shape[1] >= 600
+    assert pixels.std() > 0.01  # not a blank canvas
+    assert not list(run_dir.glob("*.tmp"))
+
+    out = capsys.readouterr().out
+    assert "epoch 2 | train loss 1.0123 acc 0.5000 | val loss 0.9956 acc 0.5500" in out
+    assert "| ema val loss 0.9789 acc 0.6000 | lr 0.05 | 2001 img/s 6.5 s | peak 514 MB" in out
+
+
+def test_plot_off_writes_no_png(tmp_path):
+    logger = RunLogger(tmp_path, _cfg(plot=False), enabled=True, config_dict=CONFIG_DICT)
+    _run_epochs(logger, [1])
+    assert (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "training_history.png").exists()
+
+
+def test_load_history_drops_epochs_logged_after_the_checkpoint(tmp_path):
+    first = RunLogger(tmp_path, _cfg(), enabled=True, config_dict=CONFIG_DICT)
+    _run_epochs(first, [1, 2, 3, 4])  # the process died after logging epoch 4, checkpoint holds 2
+    first.close()
+    assert [record["epoch"] for record in _metrics_lines(tmp_path)] == [1, 2, 3, 4]
+
+    resumed = RunLogger(tmp_path, _cfg(), enabled=True, config_dict=CONFIG_DICT)
+    resumed.load_history([_record(1), _record(2)])
+    assert _metrics_lines(tmp_path) == [_record(1), _record(2)]
+    assert len(pd.read_csv(tmp_path / "summary.csv")) == 2
+
+    _run_epochs(resumed, [3])
+    resumed.close()
+    assert _metrics_lines(tmp_path) == [_record(1), _record(2), _record(3)]
+    assert resumed.history == [_record(1), _record(2), _record(3)]
+    assert list(pd.read_csv(tmp_path / "summary.csv")["epoch"]) == [1, 2, 3]
+
+
+def test_fresh_logger_replaces_stale_metrics_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_record(1)) + "\n" + json.dumps(_record(2)) + "\n")
+    logger = RunLogger(tmp_path, _cfg(), enabled=True, config_dict=CONFIG_DICT)
+    _run_epochs(logger, [1])
+    assert _metrics_lines(tmp_path) == [_record(1)]
+
+
+def test_plain_progress_lines_every_print_every_steps(tmp_path, capsys):
+    logger = RunLogger(tmp_path, _cfg(print_every_steps=5), enabled=True, config_dict=CONFIG_DICT)
+    capsys.readouterr()
+    logger.start_epoch(3, 23)
+    for step_in_epoch in range(1, 24):
+        logger.step(step_in_epoch, 100 + step_in_epoch, 1.2345 + step_in_epoch, 0.0812)
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        f"epoch 3 step {step}/23 loss {1.2345 + step:.4f} lr 0.0812" for step in (5, 10, 15, 20)
+    ]
+    assert captured.out.splitlines()[0] == "epoch 3 step 5/23 loss 6.2345 lr 0.0812"
+    assert captured.err == ""
+
+
+def test_terminal_gets_a_bar_and_no_plain_lines(tmp_path, capsys, monkeypatch):
+    class FakeTerminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    logger = RunLogger(tmp_path, _cfg(print_every_steps=5), enabled=True, config_dict=CONFIG_DICT)
+    logger.start_epoch(3, 23)
+    for step_in_epoch in range(1, 24):
+        logger.step(step_in_epoch, 100 + step_in_epoch, 1.2345, 0.0812)
+    logger.end_epoch(_record(3))
+    logger.close()
+    assert "step" not in capsys.readouterr().out
+    assert "epoch 3" in terminal.getvalue() and "/23" in terminal.getvalue()
+
+
+# wandb's offline transaction log (run-<id>.wandb): a 7-byte header (":W&B", magic 0xBEE1,
+# version 0), then LevelDB-log framing: 32 KiB blocks, each chunk headed by crc32 (over type byte
+# and payload), length and type (1 full, 2 first, 3 middle, 4 last); chunks are protobuf Records.
+_BLOCK_BYTES, _CHUNK_HEADER_BYTES = 32768, 7
+
+
+def _read_wandb_records(path: Path) -> list:
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0), "unknown .wandb file format"
+    payloads, pending, position = [], b"", 7
+    while position + _CHUNK_HEADER_BYTES <= len(data):
+        left_in_block = _BLOCK_BYTES - position % _BLOCK_BYTES
+        if left_in_block < _CHUNK_HEADER_BYTES:
+            position += left_in_block
+            continue
+        checksum, length, chunk_type = struct.unpack("<IHB", data[position:position + 7])
+        if chunk_type == 0 and length == 0:  # zero padding at the end of a block
+            position += left_in_block
+            continue
+        chunk = data[position + 7:position + 7 + length]
+        assert zlib.crc32(bytes([chunk_type]) + chunk) == checksum, f"corrupt chunk at byte {position}"
+        position += _CHUNK_HEADER_BYTES + length
+        pending = chunk if chunk_type in (1, 2) else pending + chunk
+        if chunk_type in (1, 4):
+            payloads.append(pending)
+    records = []
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        records.append(record)
+    return records
+
+
+def _wandb_history(records) -> list[dict]:
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for record in records if record.WhichOneof("record_type") == "history"]
+
+
+def _wandb_run_record(records):
+    (run_record,) = [record.run for record in records if record.WhichOneof("record_type") == "run"]
+    return run_record
+
+
+def test_wandb_offline_logs_epochs_tables_and_resumes_same_id(tmp_path):
+    pytest.importorskip("wandb")
+    logger = RunLogger(tmp_path, _cfg(mode="offline"), enabled=True, config_dict=CONFIG_DICT)
+    run_id = logger.wandb_run_id
+    assert re.fullmatch(r"[a-z0-9]{8}", run_id)
+    _run_epochs(logger, [1, 2])
+    logger.log_final(PER_CLASS, CONFUSION, CLASS_NAMES)
+    logger.close()
+
+    (first_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert first_dir.name.endswith(f"-{run_id}")
+    wandb_file = first_dir / f"run-{run_id}.wandb"
+    assert wandb_file.stat().st_size > 0
+    records = _read_wandb_records(wandb_file)
+
+    run_record = _wandb_run_record(records)
+    assert run_record.run_id == run_id
+    assert run_record.project == "cifar_dist_tests"
+    assert not run_record.resume
+    config = {update.key: json.loads(update.value_json) for update in run_record.config.update}
+    assert config["train"] == CONFIG_DICT["train"] and config["model"] == CONFIG_DICT["model"]
+
+    history = _wandb_history(records)
+    epoch_rows = [row for row in history if "train_loss" in row]
+    assert len(epoch_rows) == 2
+    for row, epoch in zip(epoch_rows, (1, 2)):
+        assert row["_step"] == 10 * epoch
+        assert {key: row[key] for key in _record(epoch)} == _record(epoch)
+
+    # log_final: both tables land in the run's files as wandb table JSON.
+    (final_row,) = [row for row in history if "per_class_accuracy/path" in row]
+    per_class_table = json.loads((first_dir / "files" / final_row["per_class_accuracy/path"]).read_text())
+    assert per_class_table["columns"] == ["class", "model_acc", "ema_acc"]
+    assert per_class_table["data"] == [[name, PER_CLASS["model"][i], PER_CLASS["ema"][i]]
+                                       for i, name in enumerate(CLASS_NAMES)]
+    confusion_table = json.loads((first_dir / "files" / final_row["confusion_matrix_table/path"]).read_text())
+    assert confusion_table["columns"] == ["Actual", "Predicted", "nPredictions"]
+    assert confusion_table["data"] == [[actual, predicted, CONFUSION[i][j]]
+                                       for i, actual in enumerate(CLASS_NAMES)
+                                       for j, predicted in enumerate(CLASS_NAMES)]
+
+    # A resumed run (id from the checkpoint) continues the same wandb run id.
+    resumed = RunLogger(tmp_path, _cfg(mode="offline"), enabled=True, config_dict=CONFIG_DICT,
+                        wandb_run_id=run_id)
+    assert resumed.wandb_run_id == run_id
+    resumed.load_history([_record(1), _record(2)])
+    _run_epochs(resumed, [3])
+    resumed.close()
+    (second_dir,) = [path for path in (tmp_path / "wandb").glob("offline-run-*") if path != first_dir]
+    assert second_dir.name.endswith(f"-{run_id}")
+    resumed_records = _read_wandb_records(second_dir / f"run-{run_id}.wandb")
+    resumed_run_record = _wandb_run_record(resumed_records)
+    assert resumed_run_record.run_id == run_id and resumed_run_record.resume
+    (epoch_3_row,) = [row for row in _wandb_history(resumed_records) if "train_loss" in row]
+    assert epoch_3_row["_step"] == 30 and epoch_3_row["train_loss"] == _record(3)["train_loss"]
+
+
+def test_wandb_disabled_creates_no_folder_and_never_imports_wandb(tmp_path):
+    result = _run_python(f"""
+        import sys
+        from pathlib import Path
+        from cifar_dist.config import LoggingConfig, WandbConfig
+        from cifar_dist.engine.logging import RunLogger
+
+        logger = RunLogger(Path({str(tmp_path)!r}), LoggingConfig(wandb=WandbConfig(mode="disabled")),
+                           enabled=True, config_dict={{}})
+        logger.start_epoch(1, 2)
+        logger.step(1, 1, 0.5, 0.1)
+        logger.end_epoch({{"epoch": 1, "global_step": 2, "train_loss": 0.5}})
+        logger.log_final({{"model": [0.5]}}, [[1]], ["cat"])
+        logger.close()
+        print("wandb imported:", "wandb" in sys.modules, "run id:", logger.wandb_run_id)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "wandb imported: False run id: None" in result.stdout
+    assert (tmp_path / "metrics.jsonl").exists()  # the logger did run
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_wandb_missing_is_an_actionable_error(tmp_path):
+    result = _run_python(f"""
+        import sys
+        sys.modules["wandb"] = None  # as if the package were not installed
+        from pathlib import Path
+        from cifar_dist.config import LoggingConfig, WandbConfig
+        from cifar_dist.engine.logging import RunLogger
+
+        cfg = LoggingConfig(wandb=WandbConfig(mode="offline"))
+        RunLogger(Path({str(tmp_path)!r}) / "rank1", cfg, enabled=False, config_dict={{}})  # no error off rank 0
+        try:
+            RunLogger(Path({str(tmp_path)!r}) / "rank0", cfg, enabled=True, config_dict={{}})
+        except RuntimeError as error:
+            print("ERROR:", error)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "ERROR:" in result.stdout, "no RuntimeError raised"
+    message = result.stdout.split("ERROR:", 1)[1]
+    assert "'wandb'" in message
+    assert "pip install -e .[wandb]" in message
+    assert "logging.wandb.mode=disabled" in message
+    assert "logging.wandb.mode=offline" in message
