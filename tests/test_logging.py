@@ -222,6 +222,11 @@ def _wandb_run_record(records):
     return run_record
 
 
+def _is_offline_run_folder_of(folder: Path, run_id: str) -> bool:
+    # wandb adds "-1", "-2" when a folder of the same id and second already exists.
+    return re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", folder.name) is not None
+
+
 def test_wandb_offline_logs_epochs_tables_and_resumes_same_id(tmp_path):
     pytest.importorskip("wandb")
     logger = RunLogger(tmp_path, _cfg(mode="offline"), enabled=True, config_dict=CONFIG_DICT)
@@ -232,7 +237,7 @@ def test_wandb_offline_logs_epochs_tables_and_resumes_same_id(tmp_path):
     logger.close()
 
     (first_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    assert first_dir.name.endswith(f"-{run_id}")
+    assert _is_offline_run_folder_of(first_dir, run_id)
     wandb_file = first_dir / f"run-{run_id}.wandb"
     assert wandb_file.stat().st_size > 0
     records = _read_wandb_records(wandb_file)
@@ -271,7 +276,7 @@ def test_wandb_offline_logs_epochs_tables_and_resumes_same_id(tmp_path):
     _run_epochs(resumed, [3])
     resumed.close()
     (second_dir,) = [path for path in (tmp_path / "wandb").glob("offline-run-*") if path != first_dir]
-    assert second_dir.name.endswith(f"-{run_id}")
+    assert _is_offline_run_folder_of(second_dir, run_id)
     resumed_records = _read_wandb_records(second_dir / f"run-{run_id}.wandb")
     resumed_run_record = _wandb_run_record(resumed_records)
     assert resumed_run_record.run_id == run_id and resumed_run_record.resume

@@ -118,7 +118,7 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Path:
     """Write train/val/test betons and manifest.json under cfg.beton_path(); return the manifest path."""
     require_ffcv()
     beton_dir = cfg.beton_path()
-    arrays = load_cifar10(cfg.root, download=cfg.download, npz_name=cfg.npz_name)
+    arrays = load_cifar10(cfg.root, cfg.download, cfg.npz_name, cfg.require_full_size)
     inputs = expected_inputs(cfg, arrays.checksums)
     manifest = read_manifest(beton_dir)
     if manifest is not None and manifest.get("inputs") == inputs and not force:

@@ -143,16 +143,16 @@ def read_npz(path: Path) -> CifarArrays:
     return arrays
 
 
-def validate(arrays: CifarArrays) -> None:
-    """Shape, dtype, label range and per-class counts of a full CIFAR-10 copy."""
+def validate(arrays: CifarArrays, require_full_size: bool = True) -> None:
+    """Shape, dtype, label range and balanced per-class counts (and the official sizes if required)."""
     for split in ("train", "test"):
         x, y = getattr(arrays, f"x_{split}"), getattr(arrays, f"y_{split}")
         where = f"{arrays.source} ({split} split)"
         if x.dtype != np.uint8:
             raise DataError(f"{where}: expected uint8 images, found {x.dtype}")
-        if x.shape != (EXPECTED_COUNTS[split], 32, 32, 3):
-            raise DataError(f"{where}: expected images of shape ({EXPECTED_COUNTS[split]}, 32, 32, 3), "
-                            f"found {x.shape}")
+        count = EXPECTED_COUNTS[split] if require_full_size else len(x)
+        if x.shape != (count, 32, 32, 3):
+            raise DataError(f"{where}: expected images of shape ({count}, 32, 32, 3), found {x.shape}")
         if y.shape != (len(x),):
             raise DataError(f"{where}: expected {len(x)} labels, found shape {y.shape}")
         if y.min() < 0 or y.max() >= NUM_CLASSES:
@@ -186,7 +186,8 @@ def download_archive(root: Path) -> Path:
     return target
 
 
-def load_cifar10(root: str | Path, download: bool = False, npz_name: str = "cifar10.npz") -> CifarArrays:
+def load_cifar10(root: str | Path, download: bool = False, npz_name: str = "cifar10.npz",
+                 require_full_size: bool = True) -> CifarArrays:
     """Find CIFAR-10 under root (folder, archive or .npz, in that order), download if allowed."""
     root = Path(root)
     folder, archive, npz = candidate_paths(root, npz_name)
@@ -206,7 +207,7 @@ def load_cifar10(root: str | Path, download: bool = False, npz_name: str = "cifa
             arrays = read_archive(download_archive(root))
         except DataError as err:
             raise DataError(f"CIFAR-10 not found; looked in:\n  {looked}\nand {err}.\n{how}") from None
-    validate(arrays)
+    validate(arrays, require_full_size)
     return arrays
 
 

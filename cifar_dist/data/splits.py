@@ -34,7 +34,7 @@ def split_arrays(arrays: CifarArrays, val_fraction: float, seed: int) -> dict[st
 
 def load_split(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     """One split read from the raw files (the path of the loaders that need no beton)."""
-    arrays = load_cifar10(cfg.root, download=cfg.download, npz_name=cfg.npz_name)
+    arrays = load_cifar10(cfg.root, cfg.download, cfg.npz_name, cfg.require_full_size)
     images, labels = split_arrays(arrays, cfg.val_fraction, cfg.split_seed)[split]
     if split == "train" and cfg.train_subset:
         images, labels = images[: cfg.train_subset], labels[: cfg.train_subset]

@@ -201,13 +201,18 @@ class RunLogger:
             })
 
     def close(self) -> None:
-        """Close the progress bar and finish the wandb run."""
+        """Close the progress bar, finish the wandb run and wait until wandb has written it."""
         if not self.enabled:
             return
         self._close_bar()
         if self._wandb_run is not None:
+            import wandb
+
             self._wandb_run.finish()
             self._wandb_run = None
+            # finish() can return before wandb's service has written the run's .wandb file;
+            # teardown waits for it. Its atexit hook would too, but multiprocessing children skip it.
+            wandb.teardown()
 
     def _close_bar(self) -> None:
         if self._bar is not None:

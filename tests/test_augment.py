@@ -1,0 +1,418 @@
+"""Batched augmentation ops against independent references (torch slicing, torchvision), rates
+within binomial bounds, mixing arithmetic, and reproducibility of the whole pipeline."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from cifar_dist.augment import color, geometric, mix
+from cifar_dist.augment.pipeline import EvalTransform, TrainAugment, make_generator
+from cifar_dist.config import AugmentConfig
+
+ALL_OFF = AugmentConfig(
+    crop_padding=0, flip="none", rotate_degrees=0.0, perspective_distortion=0.0, perspective_prob=0.0,
+    brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, cutout_size=0, mixup_prob=0.0, cutmix_prob=0.0,
+)
+
+
+def only(**changes) -> AugmentConfig:
+    return dataclasses.replace(ALL_OFF, **changes)
+
+
+def uint8_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def float_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def cpu_generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_binomial(count: int, trials: int, p: float, sds: float = 4.0) -> None:
+    sd = math.sqrt(trials * p * (1 - p))
+    assert abs(count - trials * p) <= sds * sd, f"{count} of {trials}, expected {trials * p:.0f} ± {sds * sd:.0f}"
+
+
+# ---------------------------------------------------------------- geometric
+
+
+def test_flip_mirrors_masked_samples_only():
+    images = float_images(6)
+    mask = torch.tensor([True, False, True, True, False, False])
+    out = geometric.flip(images, mask)
+    for i in range(6):
+        expected = torch.flip(images[i], dims=[-1]) if mask[i] else images[i]
+        assert torch.equal(out[i], expected), i
+    assert not torch.equal(out[0], images[0])
+    assert not torch.equal(out[1], torch.flip(images[1], dims=[-1]))
+
+
+def test_translate_equals_slice_of_reflect_padded_image():
+    p = 4
+    shifts = torch.tensor([[-4, -4], [4, 4], [0, 0], [3, -2], [-1, 4], [2, 0]])
+    images = float_images(len(shifts))
+    out = geometric.translate(images, shifts, p)
+    padded = F.pad(images, (p, p, p, p), mode="reflect")
+    for i, (dx, dy) in enumerate(shifts.tolist()):
+        assert torch.equal(out[i], padded[i, :, p + dy : p + dy + 32, p + dx : p + dx + 32]), (dx, dy)
+    # x and y swapped is a different image: the reference can tell them apart.
+    assert not torch.equal(out[3], padded[3, :, p + 3 : p + 3 + 32, p - 2 : p - 2 + 32])
+
+
+def test_random_shifts_cover_the_range_and_pipeline_crops_land_on_them():
+    shifts = geometric.random_shifts(5000, 4, cpu_generator())
+    for axis in range(2):
+        assert sorted(shifts[:, axis].unique().tolist()) == list(range(-4, 5))
+
+    images = uint8_images(8)
+    out, _ = TrainAugment(only(crop_padding=4))(images, torch.zeros(8, dtype=torch.long), cpu_generator(3))
+    padded = F.pad(color.to_float01(images), (4,) * 4, mode="reflect")
+    found = []
+    for i in range(8):
+        matches = [
+            (dx, dy) for dx in range(-4, 5) for dy in range(-4, 5)
+            if torch.equal(out[i], color.normalize(padded[i : i + 1, :, 4 + dy : 36 + dy, 4 + dx : 36 + dx])[0])
+        ]
+        assert len(matches) == 1, (i, matches)
+        found += matches
+    assert len(set(found)) > 1
+
+
+def test_rotation_zero_is_identity_and_ninety_is_rot90_counter_clockwise():
+    images = float_images(3)
+    assert torch.allclose(geometric.rotate(images, torch.zeros(3)), images, atol=1e-5)
+    rotated = geometric.rotate(images, torch.full((3,), 90.0))
+    ccw = torch.rot90(images, 1, dims=(-2, -1))
+    assert torch.allclose(rotated[..., 1:-1, 1:-1], ccw[..., 1:-1, 1:-1], atol=1e-4)
+    clockwise = torch.rot90(images, -1, dims=(-2, -1))
+    assert (rotated - clockwise)[..., 1:-1, 1:-1].abs().max() > 0.1
+
+
+def test_rotation_matches_torchvision_bilinear_per_sample():
+    images = float_images(3, seed=1)
+    angles = torch.tensor([30.0, -12.5, 7.0])
+    out = geometric.rotate(images, angles)
+    for i, angle in enumerate(angles.tolist()):
+        # fill=None is plain zero padding; torchvision's fill=0 also darkens the edge pixels by the
+        # sampled coverage (a mask blend), which we do not copy.
+        reference = TF.rotate(images[i], angle, interpolation=InterpolationMode.BILINEAR, fill=None)
+        assert torch.allclose(out[i], reference, atol=1e-4), angle
+    wrong_direction = TF.rotate(images[0], -30.0, interpolation=InterpolationMode.BILINEAR)
+    assert (out[0] - wrong_direction).abs().max() > 0.1
+
+
+CORNERS = [[0, 0], [31, 0], [31, 31], [0, 31]]
+MOVED = [[3, 2], [29, 1], [30, 28], [2, 31]]
+
+
+def test_perspective_identity_and_match_with_torchvision():
+    images = float_images(2, seed=2)
+    start = torch.tensor([CORNERS, CORNERS])
+    assert torch.allclose(geometric.perspective(images, start, start), images, atol=1e-5)
+
+    end = torch.tensor([MOVED, CORNERS])
+    out = geometric.perspective(images, start, end)
+    reference = TF.perspective(images[0], CORNERS, MOVED, interpolation=InterpolationMode.BILINEAR)
+    assert torch.allclose(out[0, :, 2:-2, 2:-2], reference[:, 2:-2, 2:-2], atol=1e-4)
+    assert torch.allclose(out[1], images[1], atol=1e-5)
+    swapped = TF.perspective(images[0], MOVED, CORNERS, interpolation=InterpolationMode.BILINEAR)
+    assert (out[0] - swapped)[:, 2:-2, 2:-2].abs().max() > 0.1
+
+
+def test_rotate_then_perspective_is_one_resampling_of_the_sequence():
+    images = float_images(2, seed=3)
+    angles = torch.full((2,), 90.0)
+    start, end = torch.tensor([CORNERS, CORNERS]), torch.tensor([MOVED, MOVED])
+    combined = geometric.rotate_then_perspective(images, angles, start, end)
+    sequence = geometric.perspective(geometric.rotate(images, angles), start, end)
+    assert torch.allclose(combined[..., 2:-2, 2:-2], sequence[..., 2:-2, 2:-2], atol=1e-4)
+    other_order = geometric.rotate(geometric.perspective(images, start, end), angles)
+    assert (combined - other_order)[..., 2:-2, 2:-2].abs().max() > 0.1
+
+
+def test_random_perspective_points_follow_torchvision_ranges_and_rate():
+    n, prob = 20000, 0.5
+    start, end, applied = geometric.random_perspective_points(n, 32, 32, 0.2, prob, cpu_generator())
+    assert torch.equal(start[0], torch.tensor(CORNERS))
+    inward = (end - start) * torch.tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]])
+    assert inward.min() == 0 and inward.max() == int(0.2 * 16)  # 0 … 3 pixels inward
+    assert torch.equal(end[~applied], start[~applied])
+    assert_binomial(int(applied.sum()), n, prob)
+    assert (end[applied] != start[applied]).any(-1).any(-1).float().mean() > 0.99
+    _, _, rarely = geometric.random_perspective_points(n, 32, 32, 0.2, 0.2, cpu_generator(1))
+    assert_binomial(int(rarely.sum()), n, 0.2)
+
+
+def test_flip_rate_and_angles_range():
+    mask = geometric.random_flip_mask(20000, cpu_generator())
+    assert_binomial(int(mask.sum()), 20000, 0.5)
+    angles = geometric.random_angles(20000, 15.0, cpu_generator())
+    assert angles.abs().max() <= 15.0 and angles.min() < -14.9 and angles.max() > 14.9
+
+
+def test_cutout_zeroes_a_clipped_square():
+    images = float_images(3) + 0.1  # no zero pixels to begin with
+    centres = torch.tensor([[10, 20], [0, 0], [31, 5]])  # (x, y); the last two are clipped
+    out = geometric.cutout(images, centres, 8)
+    for i, (cx, cy) in enumerate(centres.tolist()):
+        expected = images[i].clone()
+        expected[:, max(cy - 4, 0) : cy + 4, max(cx - 4, 0) : cx + 4] = 0
+        assert torch.equal(out[i], expected)
+    assert [int((out[i, 0] == 0).sum()) for i in range(3)] == [64, 16, 40]
+
+
+# ---------------------------------------------------------------- colour
+
+
+def test_zero_jitter_is_the_identity_exactly():
+    images = float_images(4)
+    assert torch.equal(color.color_jitter(images), images)
+    assert color.random_jitter_factors(4, 0.0, 0.0, 0.0, 0.0, cpu_generator()) == (None, None, None, None)
+
+
+def test_brightness_scales_and_clamps():
+    images = float_images(3)
+    factors = torch.tensor([0.5, 1.3, 2.0])
+    out = color.adjust_brightness(images, factors)
+    assert torch.equal(out, (images * factors.view(-1, 1, 1, 1)).clamp(0, 1))
+    assert not torch.equal(out, images)
+
+
+def test_saturation_zero_is_torchvision_grayscale_and_others_match():
+    images = float_images(3)
+    gray = color.adjust_saturation(images, torch.zeros(3))
+    assert torch.allclose(gray, TF.rgb_to_grayscale(images, num_output_channels=3), atol=1e-6)
+    factors = torch.tensor([0.4, 1.0, 1.7])
+    out_s, out_c = color.adjust_saturation(images, factors), color.adjust_contrast(images, factors)
+    for i, factor in enumerate(factors.tolist()):
+        assert torch.allclose(out_s[i], TF.adjust_saturation(images[i], factor), atol=1e-6)
+        assert torch.allclose(out_c[i], TF.adjust_contrast(images[i], factor), atol=1e-6)
+    assert (out_c[0] - TF.adjust_contrast(images[0], 1.7)).abs().max() > 0.05
+
+
+def test_hue_shift_matches_torchvision():
+    images = float_images(6, seed=4)
+    images[0, :, :8, :8] = 0.5  # gray: hue undefined, must stay gray
+    images[1, 1] = images[1, 0]  # ties between channels
+    images[2, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # a pure primary
+    shifts = torch.tensor([-0.5, -0.1, 0.0, 0.05, 0.25, 0.5])
+    out = color.adjust_hue(images, shifts)
+    for i, shift in enumerate(shifts.tolist()):
+        assert torch.allclose(out[i], TF.adjust_hue(images[i], shift), atol=1e-5), shift
+    assert (out[1] - TF.adjust_hue(images[1], 0.1)).abs().max() > 0.05
+
+
+def test_color_jitter_equals_torchvision_steps_in_fixed_order():
+    images = float_images(3, seed=5)
+    b, c, s, h = (torch.tensor(v) for v in ([0.8, 1.1, 1.2], [1.2, 0.9, 0.8], [0.85, 1.15, 1.0], [0.1, -0.05, 0.0]))
+    out = color.color_jitter(images, b, c, s, h)
+    for i in range(3):
+        x = TF.adjust_brightness(images[i], b[i].item())
+        x = TF.adjust_contrast(x, c[i].item())
+        x = TF.adjust_saturation(x, s[i].item())
+        assert torch.allclose(out[i], TF.adjust_hue(x, h[i].item()), atol=1e-5)
+
+
+def test_jitter_factor_ranges():
+    b, c, s, h = color.random_jitter_factors(20000, 0.2, 0.3, 1.5, 0.1, cpu_generator())
+    for factors, low, high in ((b, 0.8, 1.2), (c, 0.7, 1.3), (s, 0.0, 2.5), (h, -0.1, 0.1)):
+        assert factors.min() >= low and factors.max() <= high
+        assert factors.min() < low + 0.01 and factors.max() > high - 0.01
+    with pytest.raises(ValueError, match="hue"):
+        color.random_jitter_factors(4, 0.0, 0.0, 0.0, 0.7, cpu_generator())
+
+
+def test_eval_transform_is_reference_normalisation():
+    images = uint8_images(4)
+    out = EvalTransform()(images)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    assert torch.allclose(out, (images.float() / 255 - mean) / std, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.allclose(out, (images.float() / 255 - 0.5) / 0.25, atol=1e-3)
+
+
+# ---------------------------------------------------------------- mixing
+
+
+@pytest.mark.parametrize("alpha", [0.4, 1.0, 3.0])
+def test_beta_sampler_moments(alpha):
+    draws = mix.sample_beta(alpha, (200_000,), cpu_generator())
+    assert draws.min() >= 0 and draws.max() <= 1 and torch.isfinite(draws).all()
+    variance = 1 / (4 * (2 * alpha + 1))
+    assert abs(draws.mean().item() - 0.5) < 5 * math.sqrt(variance / draws.numel())
+    assert abs(draws.var().item() / variance - 1) < 0.03
+
+
+def _ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    grid = torch.linspace(0, 1, 1001)
+    cdf = lambda x: torch.searchsorted(x.sort().values, grid).float() / x.numel()
+    return (cdf(a) - cdf(b)).abs().max().item()
+
+
+def test_beta_sampler_matches_torch_distribution_shape():
+    ours = mix.sample_beta(0.4, (100_000,), cpu_generator())
+    torch.manual_seed(0)
+    reference = torch.distributions.Beta(0.4, 0.4).sample((100_000,))
+    wrong = torch.distributions.Beta(0.8, 0.8).sample((100_000,))
+    assert _ks_distance(ours, reference) < 0.012
+    assert _ks_distance(ours, wrong) > 0.03
+
+
+def test_mix_kind_frequencies():
+    images, labels = float_images(4, size=4), torch.arange(4)
+    batches = 3000
+    kinds = torch.stack([
+        mix.mix_batch(images, labels, 10, 0.3, 0.2, 1.0, 1.0, make_generator(0, 0, 0, step, "cpu"))[2]["kind"]
+        for step in range(batches)
+    ])
+    for kind, p in ((mix.NONE, 0.5), (mix.MIXUP, 0.3), (mix.CUTMIX, 0.2)):
+        assert_binomial(int((kinds == kind).sum()), batches, p)
+
+
+def test_mixup_pixels_and_soft_targets():
+    images, labels = float_images(8), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    for step in range(20):
+        mixed, targets, info = mix.mix_batch(images, labels, 10, 1.0, 0.0, 1.0, 1.0, make_generator(0, 0, 0, step, "cpu"))
+        if abs(info["lam"].item() - 0.5) > 0.05:
+            break
+    lam, perm = info["lam"].item(), info["perm"]
+    assert mix.MIX_KINDS[int(info["kind"])] == "mixup" and 0 < lam < 1
+    assert sorted(perm.tolist()) == list(range(8))
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images[perm], atol=1e-6)
+    assert not torch.allclose(mixed, (1 - lam) * images + lam * images[perm], atol=1e-3)
+    onehot = F.one_hot(labels, 10).float()
+    assert torch.allclose(targets, lam * onehot + (1 - lam) * onehot[perm], atol=1e-6)
+    assert torch.allclose(targets.sum(1), torch.ones(8), atol=1e-6)
+
+
+def test_cutmix_lambda_is_exact_pasted_area():
+    n = 6
+    images = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
+    labels = torch.arange(n)
+    touched_border = 0
+    for step in range(40):
+        mixed, targets, info = mix.mix_batch(images, labels, 10, 0.0, 1.0, 1.0, 1.0, make_generator(1, 0, 0, step, "cpu"))
+        assert mix.MIX_KINDS[int(info["kind"])] == "cutmix"
+        lam, perm = info["lam"].item(), info["perm"]
+        pasted = mixed[:, 0] != images[:, 0]  # every partner differs from its image everywhere
+        for i in range(n):
+            if perm[i] == i:
+                assert torch.equal(mixed[i], images[i])
+                continue
+            assert int(pasted[i].sum()) == round((1 - lam) * 32 * 32)
+            assert torch.equal(mixed[i][:, pasted[i]], images[perm[i]][:, pasted[i]])
+        box = pasted[(perm != torch.arange(n)).nonzero()[0, 0]]
+        if box.any():
+            rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+            assert int(box.sum()) == len(rows) * len(cols)  # a rectangle
+            touched_border += int(rows[0] == 0 or rows[-1] == 31 or cols[0] == 0 or cols[-1] == 31)
+        assert torch.allclose(targets.sum(1), torch.ones(n), atol=1e-6)
+        assert torch.allclose(targets[torch.arange(n), labels] + targets[torch.arange(n), labels[perm]] * (perm != torch.arange(n)),
+                              torch.ones(n), atol=1e-6)
+    assert touched_border > 0  # clipped boxes were among those checked
+
+
+def test_soft_target_cross_entropy_equals_cross_entropy_for_one_hot():
+    logits = torch.randn(16, 10, generator=cpu_generator())
+    labels = torch.randint(0, 10, (16,), generator=cpu_generator(1))
+    onehot = F.one_hot(labels, 10).float()
+    for eps in (0.0, 0.1, 0.2):
+        ours = mix.soft_target_cross_entropy(logits, onehot, label_smoothing=eps)
+        assert abs(ours.item() - F.cross_entropy(logits, labels, label_smoothing=eps).item()) < 1e-6
+    mismatched = mix.soft_target_cross_entropy(logits, onehot, label_smoothing=0.1)
+    assert abs(mismatched.item() - F.cross_entropy(logits, labels, label_smoothing=0.2).item()) > 1e-3
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def test_make_generator_streams_are_deterministic_and_distinct():
+    draw = lambda *key: torch.rand(4, generator=make_generator(*key, "cpu"))
+    assert torch.equal(draw(0, 0, 0, 0), draw(0, 0, 0, 0))
+    first = [draw(0, 0, 0, 0), draw(1, 0, 0, 0), draw(0, 1, 0, 0), draw(0, 0, 1, 0), draw(0, 0, 0, 1), draw(0, 0, 1, 1)]
+    for i in range(len(first)):
+        for j in range(i):
+            assert not torch.equal(first[i], first[j]), (i, j)
+
+
+def test_train_augment_is_reproducible_from_seed_rank_epoch_step():
+    augment = TrainAugment(AugmentConfig(cutout_size=8))
+    images, labels = uint8_images(32), torch.randint(0, 10, (32,), generator=cpu_generator())
+    run = lambda seed, rank, epoch, step: augment(images, labels, make_generator(seed, rank, epoch, step, "cpu"), epoch)
+    out_a, targets_a = run(0, 0, 2, 5)
+    out_b, targets_b = run(0, 0, 2, 5)
+    assert torch.equal(out_a, out_b) and torch.equal(targets_a, targets_b)
+    assert not torch.equal(out_a, run(0, 0, 2, 6)[0])
+    assert not torch.equal(out_a, run(0, 1, 2, 5)[0])
+
+
+def test_train_augment_output_format():
+    images, labels = uint8_images(16), torch.randint(0, 10, (16,), generator=cpu_generator())
+    out, targets = TrainAugment(AugmentConfig())(images, labels, make_generator(0, 0, 0, 0, "cpu"))
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert targets.shape == (16, 10) and targets.dtype == torch.float32
+    assert torch.allclose(targets.sum(1), torch.ones(16), atol=1e-6)
+    plain, _ = TrainAugment(AugmentConfig(), channels_last=False)(images, labels, make_generator(0, 0, 0, 0, "cpu"))
+    assert plain.is_contiguous() and torch.equal(plain, out)
+    with pytest.raises(ValueError, match="uint8"):
+        TrainAugment(AugmentConfig())(images.float(), labels, make_generator(0, 0, 0, 0, "cpu"))
+
+
+def test_all_strengths_zero_equals_eval_transform_exactly():
+    images, labels = uint8_images(16), torch.randint(0, 10, (16,), generator=cpu_generator())
+    out, targets = TrainAugment(ALL_OFF)(images, labels, make_generator(0, 0, 0, 0, "cpu"))
+    assert torch.equal(out, EvalTransform()(images))
+    assert torch.equal(targets, F.one_hot(labels, 10).float())
+    augmented, _ = TrainAugment(AugmentConfig())(images, labels, make_generator(0, 0, 0, 0, "cpu"))
+    assert not torch.allclose(augmented, out, atol=1e-2)
+
+
+def _flip_states(out, images):
+    plain, flipped = EvalTransform()(images), EvalTransform()(torch.flip(images, dims=[-1]))
+    states = []
+    for i in range(len(images)):
+        is_plain, is_flipped = torch.equal(out[i], plain[i]), torch.equal(out[i], flipped[i])
+        assert is_plain != is_flipped, i  # exactly one of the two
+        states.append(is_flipped)
+    return torch.tensor(states)
+
+
+def test_random_flip_in_pipeline():
+    images = uint8_images(64)
+    out, _ = TrainAugment(only(flip="random"))(images, torch.zeros(64, dtype=torch.long), make_generator(0, 0, 0, 0, "cpu"))
+    assert_binomial(int(_flip_states(out, images).sum()), 64, 0.5)
+
+
+def test_alternating_flip_alternates_per_image_across_epochs():
+    images, labels = uint8_images(64), torch.zeros(64, dtype=torch.long)
+    augment = TrainAugment(only(flip="alternating"))
+    states = [
+        _flip_states(augment(images, labels, make_generator(0, 0, epoch, 0, "cpu"), epoch)[0], images)
+        for epoch in range(3)
+    ]
+    assert torch.equal(states[1], ~states[0]) and torch.equal(states[2], states[0])
+    assert_binomial(int(states[0].sum()), 64, 0.5)
+    # The state follows the image, not its place in the batch or the step.
+    perm = torch.randperm(64, generator=cpu_generator())
+    shuffled = augment(images[perm], labels, make_generator(0, 0, 0, 7, "cpu"), 0)[0]
+    assert torch.equal(_flip_states(shuffled, images[perm]), states[0][perm])
+    other_seed = TrainAugment(only(flip="alternating"), seed=1)(images, labels, make_generator(0, 0, 0, 0, "cpu"), 0)[0]
+    assert not torch.equal(_flip_states(other_seed, images), states[0])
+
+
+def test_perspective_alone_leaves_unselected_samples_exact():
+    n = 200
+    images = uint8_images(n)
+    cfg = only(perspective_distortion=0.5, perspective_prob=0.3)
+    out, _ = TrainAugment(cfg)(images, torch.zeros(n, dtype=torch.long), make_generator(0, 0, 0, 0, "cpu"))
+    untouched = (out == EvalTransform()(images)).flatten(1).all(1)
+    assert_binomial(int((~untouched).sum()), n, 0.3)
