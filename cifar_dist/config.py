@@ -24,7 +24,7 @@ class DataConfig:
     root: str = "./data"  # folder holding cifar-10-batches-py, cifar-10-python.tar.gz or an .npz
     download: bool = True  # fetch the official archive when nothing is found under root
     npz_name: str = "cifar10.npz"
-    require_full_size: bool = True  # 50,000 train / 10,000 test images; false admits smaller balanced sets
+    require_full_size: bool = True  # 50,000/10,000 images, balanced; false admits any smaller set
     beton_dir: str = ""  # empty: <root>/beton
     val_fraction: float = 0.1
     split_seed: int = 0

@@ -64,6 +64,10 @@ def test_translate_equals_slice_of_reflect_padded_image():
         assert torch.equal(out[i], padded[i, :, p + dy : p + dy + 32, p + dx : p + dx + 32]), (dx, dy)
     # x and y swapped is a different image: the reference can tell them apart.
     assert not torch.equal(out[3], padded[3, :, p + 3 : p + 3 + 32, p - 2 : p - 2 + 32])
+    mask = torch.tensor([True, False, True, False, True, True])
+    assert torch.equal(geometric.translate(images, shifts, p, mask), geometric.flip(out, mask))
+    as_bytes = (images * 255).to(torch.uint8)
+    assert torch.equal(geometric.translate(as_bytes, shifts, p, mask), geometric.flip(geometric.translate(as_bytes, shifts, p), mask))
 
 
 def test_random_shifts_cover_the_range_and_pipeline_crops_land_on_them():
@@ -411,7 +415,7 @@ def test_alternating_flip_alternates_per_image_across_epochs():
 
 def test_perspective_alone_leaves_unselected_samples_exact():
     n = 200
-    images = uint8_images(n)
+    images = uint8_images(n, size=24)  # a side that is not a power of two: resampling would not be exact
     cfg = only(perspective_distortion=0.5, perspective_prob=0.3)
     out, _ = TrainAugment(cfg)(images, torch.zeros(n, dtype=torch.long), make_generator(0, 0, 0, 0, "cpu"))
     untouched = (out == EvalTransform()(images)).flatten(1).all(1)

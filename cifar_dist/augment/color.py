@@ -39,8 +39,9 @@ def _per_sample(factors: torch.Tensor) -> torch.Tensor:
     return factors.to(torch.float32).view(-1, 1, 1, 1)
 
 
-def _blend(images: torch.Tensor, other, ratio: torch.Tensor) -> torch.Tensor:
-    return (ratio * images + (1.0 - ratio) * other).clamp_(0.0, 1.0)
+def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    # ratio·images + (1 − ratio)·other as one lerp; ratio 1 returns the images exactly.
+    return torch.lerp(other.expand_as(images), images, ratio).clamp_(0.0, 1.0)
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,7 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return _blend(images, 0.0, _per_sample(factors))
+    return (images * _per_sample(factors)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -73,13 +74,14 @@ def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     value = images.amax(-3)
     chroma = value - images.amin(-3)
     inverse_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma)).reciprocal_()
-    # Hue in sixths of a turn, up to a multiple of 6 (the remainder below wraps it).
+    # Hue in sixths of a turn, wrapped once into [0, 6); then k = hue6 + n lies in [1, 11).
     red_max, green_max = value == r, value == g
     numerator = torch.where(red_max, g - b, torch.where(green_max, b - r, r - g))
     sector = torch.where(red_max, 0.0, torch.where(green_max, 2.0, 4.0)) + 6.0 * shifts.to(torch.float32).view(-1, 1, 1)
-    hue6 = torch.addcmul(sector, numerator, inverse_chroma)
+    hue6 = torch.remainder(torch.addcmul(sector, numerator, inverse_chroma), 6.0)
     offsets = (5.0 - 2.0 * torch.arange(3, device=images.device)).view(1, 3, 1, 1)  # R, G, B: 5, 3, 1
-    k = torch.remainder(hue6.unsqueeze(-3) + offsets, 6.0)
+    k = hue6.unsqueeze(-3) + offsets
+    k = torch.where(k >= 6.0, k - 6.0, k)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return value.unsqueeze(-3) - chroma.unsqueeze(-3) * ramp
 

@@ -14,19 +14,26 @@ import torch
 import torch.nn.functional as F
 
 
-def translate(images: torch.Tensor, shifts_xy: torch.Tensor, padding: int) -> torch.Tensor:
+def translate(
+    images: torch.Tensor, shifts_xy: torch.Tensor, padding: int, flip_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Shift each image by whole pixels, filling by reflection.
 
     Equals slicing `F.pad(images, (p, p, p, p), mode="reflect")` at rows p+dy … p+dy+H−1 and
     columns p+dx … p+dx+W−1, i.e. a random crop of the reflect-padded image.
     shifts_xy: (N, 2) integer (dx, dy), each in [-padding, padding].
+    flip_mask: (N,) bool; those samples are also mirrored, in the same gather, as
+    `flip(translate(images, shifts_xy, padding), flip_mask)`.
     """
     n, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding), mode="reflect")
+    padded = F.pad(images, (padding, padding, padding, padding), mode="reflect") if padding > 0 else images
     padded_w = w + 2 * padding
     shifts = shifts_xy.to(device=images.device, dtype=torch.long) + padding
+    columns = torch.arange(w, device=images.device).expand(n, w)
+    if flip_mask is not None:
+        columns = torch.where(flip_mask.view(-1, 1), columns.flip(-1), columns)
     rows = shifts[:, 1:2] + torch.arange(h, device=images.device)  # (N, H)
-    cols = shifts[:, 0:1] + torch.arange(w, device=images.device)  # (N, W)
+    cols = shifts[:, 0:1] + columns  # (N, W)
     flat_index = (rows[:, :, None] * padded_w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
     return padded.reshape(n, c, -1).gather(2, flat_index).view(n, c, h, w)
 
