@@ -136,7 +136,6 @@ class Config:
 CHOICES = {
     "data.loader": ("ffcv", "gpu", "torchvision"),
     "augment.flip": ("random", "alternating", "none"),
-    "model.name": ("attention_resnet", "fast", "resnet18"),
     "train.optimizer": ("sgd",),
     "train.schedule": ("cosine", "triangular"),
     "train.amp_dtype": ("auto", "bf16", "fp16"),
@@ -198,6 +197,10 @@ def validate(cfg: Config) -> None:
         value = get_key(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    from cifar_dist.models import BUILDERS  # the registry: models can be added at run time
+
+    if cfg.model.name not in BUILDERS:
+        raise ConfigError(f"config key 'model.name' must be one of {', '.join(BUILDERS)}; got {cfg.model.name!r}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in [0, 1); got {cfg.data.val_fraction}")
     for key in ("augment.mixup_prob", "augment.cutmix_prob", "augment.perspective_prob"):
@@ -208,6 +211,13 @@ def validate(cfg: Config) -> None:
             "augment.mixup_prob + augment.cutmix_prob must be at most 1 (they are mutually exclusive); "
             f"got {cfg.augment.mixup_prob} + {cfg.augment.cutmix_prob}"
         )
+    for kind in ("mixup", "cutmix"):
+        if get_key(cfg, f"augment.{kind}_prob") > 0 and get_key(cfg, f"augment.{kind}_alpha") <= 0:
+            raise ConfigError(f"config key 'augment.{kind}_alpha' must be > 0 when augment.{kind}_prob > 0")
+    if not 0.0 <= cfg.augment.hue <= 0.5:
+        raise ConfigError(f"config key 'augment.hue' must be in [0, 0.5]; got {cfg.augment.hue}")
+    if not 0 <= cfg.augment.crop_padding < 32:
+        raise ConfigError(f"config key 'augment.crop_padding' must be in [0, 31]; got {cfg.augment.crop_padding}")
     positive = ("train.global_batch_size", "train.grad_accum_steps", "train.ema_every", "train.epochs")
     for key in positive:
         if get_key(cfg, key) < 1:

@@ -24,7 +24,8 @@ def only(**changes) -> AugmentConfig:
 
 
 def uint8_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
 
 
 def float_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
@@ -37,7 +38,8 @@ def cpu_generator(seed: int = 0) -> torch.Generator:
 
 def assert_binomial(count: int, trials: int, p: float, sds: float = 4.0) -> None:
     sd = math.sqrt(trials * p * (1 - p))
-    assert abs(count - trials * p) <= sds * sd, f"{count} of {trials}, expected {trials * p:.0f} ± {sds * sd:.0f}"
+    expected = f"{trials * p:.0f} ± {sds * sd:.0f}"
+    assert abs(count - trials * p) <= sds * sd, f"{count} of {trials}; expected {expected}"
 
 
 # ---------------------------------------------------------------- geometric
@@ -67,7 +69,8 @@ def test_translate_equals_slice_of_reflect_padded_image():
     mask = torch.tensor([True, False, True, False, True, True])
     assert torch.equal(geometric.translate(images, shifts, p, mask), geometric.flip(out, mask))
     as_bytes = (images * 255).to(torch.uint8)
-    assert torch.equal(geometric.translate(as_bytes, shifts, p, mask), geometric.flip(geometric.translate(as_bytes, shifts, p), mask))
+    expected = geometric.flip(geometric.translate(as_bytes, shifts, p), mask)
+    assert torch.equal(geometric.translate(as_bytes, shifts, p, mask), expected)
 
 
 def test_random_shifts_cover_the_range_and_pipeline_crops_land_on_them():
@@ -215,7 +218,8 @@ def test_hue_shift_matches_torchvision():
 
 def test_color_jitter_equals_torchvision_steps_in_fixed_order():
     images = float_images(3, seed=5)
-    b, c, s, h = (torch.tensor(v) for v in ([0.8, 1.1, 1.2], [1.2, 0.9, 0.8], [0.85, 1.15, 1.0], [0.1, -0.05, 0.0]))
+    b, c = torch.tensor([0.8, 1.1, 1.2]), torch.tensor([1.2, 0.9, 0.8])
+    s, h = torch.tensor([0.85, 1.15, 1.0]), torch.tensor([0.1, -0.05, 0.0])
     out = color.color_jitter(images, b, c, s, h)
     for i in range(3):
         x = TF.adjust_brightness(images[i], b[i].item())
@@ -284,7 +288,8 @@ def test_mix_kind_frequencies():
 def test_mixup_pixels_and_soft_targets():
     images, labels = float_images(8), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     for step in range(20):
-        mixed, targets, info = mix.mix_batch(images, labels, 10, 1.0, 0.0, 1.0, 1.0, make_generator(0, 0, 0, step, "cpu"))
+        generator = make_generator(0, 0, 0, step, "cpu")
+        mixed, targets, info = mix.mix_batch(images, labels, 10, 1.0, 0.0, 1.0, 1.0, generator)
         if abs(info["lam"].item() - 0.5) > 0.05:
             break
     lam, perm = info["lam"].item(), info["perm"]
@@ -303,7 +308,8 @@ def test_cutmix_lambda_is_exact_pasted_area():
     labels = torch.arange(n)
     touched_border = 0
     for step in range(40):
-        mixed, targets, info = mix.mix_batch(images, labels, 10, 0.0, 1.0, 1.0, 1.0, make_generator(1, 0, 0, step, "cpu"))
+        generator = make_generator(1, 0, 0, step, "cpu")
+        mixed, targets, info = mix.mix_batch(images, labels, 10, 0.0, 1.0, 1.0, 1.0, generator)
         assert mix.MIX_KINDS[int(info["kind"])] == "cutmix"
         lam, perm = info["lam"].item(), info["perm"]
         pasted = mixed[:, 0] != images[:, 0]  # every partner differs from its image everywhere
@@ -319,8 +325,8 @@ def test_cutmix_lambda_is_exact_pasted_area():
             assert int(box.sum()) == len(rows) * len(cols)  # a rectangle
             touched_border += int(rows[0] == 0 or rows[-1] == 31 or cols[0] == 0 or cols[-1] == 31)
         assert torch.allclose(targets.sum(1), torch.ones(n), atol=1e-6)
-        assert torch.allclose(targets[torch.arange(n), labels] + targets[torch.arange(n), labels[perm]] * (perm != torch.arange(n)),
-                              torch.ones(n), atol=1e-6)
+        onehot = F.one_hot(labels, 10).float()
+        assert torch.allclose(targets, lam * onehot + (1 - lam) * onehot[perm], atol=1e-6)
     assert touched_border > 0  # clipped boxes were among those checked
 
 
@@ -341,7 +347,8 @@ def test_soft_target_cross_entropy_equals_cross_entropy_for_one_hot():
 def test_make_generator_streams_are_deterministic_and_distinct():
     draw = lambda *key: torch.rand(4, generator=make_generator(*key, "cpu"))
     assert torch.equal(draw(0, 0, 0, 0), draw(0, 0, 0, 0))
-    first = [draw(0, 0, 0, 0), draw(1, 0, 0, 0), draw(0, 1, 0, 0), draw(0, 0, 1, 0), draw(0, 0, 0, 1), draw(0, 0, 1, 1)]
+    keys = [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 0, 1, 1)]
+    first = [draw(*key) for key in keys]
     for i in range(len(first)):
         for j in range(i):
             assert not torch.equal(first[i], first[j]), (i, j)
@@ -350,7 +357,9 @@ def test_make_generator_streams_are_deterministic_and_distinct():
 def test_train_augment_is_reproducible_from_seed_rank_epoch_step():
     augment = TrainAugment(AugmentConfig(cutout_size=8))
     images, labels = uint8_images(32), torch.randint(0, 10, (32,), generator=cpu_generator())
-    run = lambda seed, rank, epoch, step: augment(images, labels, make_generator(seed, rank, epoch, step, "cpu"), epoch)
+    def run(seed, rank, epoch, step):
+        return augment(images, labels, make_generator(seed, rank, epoch, step, "cpu"), epoch)
+
     out_a, targets_a = run(0, 0, 2, 5)
     out_b, targets_b = run(0, 0, 2, 5)
     assert torch.equal(out_a, out_b) and torch.equal(targets_a, targets_b)
@@ -365,7 +374,8 @@ def test_train_augment_output_format():
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert targets.shape == (16, 10) and targets.dtype == torch.float32
     assert torch.allclose(targets.sum(1), torch.ones(16), atol=1e-6)
-    plain, _ = TrainAugment(AugmentConfig(), channels_last=False)(images, labels, make_generator(0, 0, 0, 0, "cpu"))
+    plain_format = TrainAugment(AugmentConfig(), channels_last=False)
+    plain, _ = plain_format(images, labels, make_generator(0, 0, 0, 0, "cpu"))
     assert plain.is_contiguous() and torch.equal(plain, out)
     with pytest.raises(ValueError, match="uint8"):
         TrainAugment(AugmentConfig())(images.float(), labels, make_generator(0, 0, 0, 0, "cpu"))
@@ -392,7 +402,8 @@ def _flip_states(out, images):
 
 def test_random_flip_in_pipeline():
     images = uint8_images(64)
-    out, _ = TrainAugment(only(flip="random"))(images, torch.zeros(64, dtype=torch.long), make_generator(0, 0, 0, 0, "cpu"))
+    labels = torch.zeros(64, dtype=torch.long)
+    out, _ = TrainAugment(only(flip="random"))(images, labels, make_generator(0, 0, 0, 0, "cpu"))
     assert_binomial(int(_flip_states(out, images).sum()), 64, 0.5)
 
 
@@ -409,7 +420,8 @@ def test_alternating_flip_alternates_per_image_across_epochs():
     perm = torch.randperm(64, generator=cpu_generator())
     shuffled = augment(images[perm], labels, make_generator(0, 0, 0, 7, "cpu"), 0)[0]
     assert torch.equal(_flip_states(shuffled, images[perm]), states[0][perm])
-    other_seed = TrainAugment(only(flip="alternating"), seed=1)(images, labels, make_generator(0, 0, 0, 0, "cpu"), 0)[0]
+    other_augment = TrainAugment(only(flip="alternating"), seed=1)
+    other_seed = other_augment(images, labels, make_generator(0, 0, 0, 0, "cpu"), 0)[0]
     assert not torch.equal(_flip_states(other_seed, images), states[0])
 
 

@@ -77,7 +77,8 @@ def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     # Hue in sixths of a turn, wrapped once into [0, 6); then k = hue6 + n lies in [1, 11).
     red_max, green_max = value == r, value == g
     numerator = torch.where(red_max, g - b, torch.where(green_max, b - r, r - g))
-    sector = torch.where(red_max, 0.0, torch.where(green_max, 2.0, 4.0)) + 6.0 * shifts.to(torch.float32).view(-1, 1, 1)
+    sector = torch.where(red_max, 0.0, torch.where(green_max, 2.0, 4.0))
+    sector = sector + 6.0 * shifts.to(torch.float32).view(-1, 1, 1)
     hue6 = torch.remainder(torch.addcmul(sector, numerator, inverse_chroma), 6.0)
     offsets = (5.0 - 2.0 * torch.arange(3, device=images.device)).view(1, 3, 1, 1)  # R, G, B: 5, 3, 1
     k = hue6.unsqueeze(-3) + offsets
@@ -106,15 +107,21 @@ def color_jitter(
 
 
 def random_jitter_factors(
-    batch_size: int, brightness: float, contrast: float, saturation: float, hue: float, generator: torch.Generator
+    batch_size: int,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    generator: torch.Generator,
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Per-sample factors with ColorJitter's ranges: uniform in [max(0, 1 − s), 1 + s] for
     brightness, contrast and saturation, uniform in [−hue, hue] for hue; None where the strength is 0."""
     if not 0.0 <= hue <= 0.5:
-        raise ValueError(f"augment.hue must be in [0, 0.5] (a fraction of a turn of the colour wheel); got {hue}")
+        raise ValueError(f"augment.hue must be in [0, 0.5] (a fraction of a turn of the hue circle); got {hue}")
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(batch_size, generator=generator, device=generator.device)
 
-    scaled = [uniform(max(0.0, 1.0 - s), 1.0 + s) if s > 0 else None for s in (brightness, contrast, saturation)]
+    strengths = (brightness, contrast, saturation)
+    scaled = [uniform(max(0.0, 1.0 - s), 1.0 + s) if s > 0 else None for s in strengths]
     return (*scaled, uniform(-hue, hue) if hue > 0 else None)

@@ -80,10 +80,6 @@ def alternating_flip_mask(stable_bits: torch.Tensor, epoch: int) -> torch.Tensor
     return stable_bits ^ bool(epoch % 2)
 
 
-def identity_matrices(batch_size: int, device, dtype=torch.float32) -> torch.Tensor:
-    return torch.eye(3, device=device, dtype=dtype).expand(batch_size, 3, 3).clone()
-
-
 def rotation_matrices(angles_deg: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(N, 3, 3) output→input maps rotating about the image centre, counter-clockwise for angle > 0.
 
@@ -92,7 +88,7 @@ def rotation_matrices(angles_deg: torch.Tensor, height: int, width: int) -> torc
     """
     radians = angles_deg.to(torch.float32) * (math.pi / 180.0)
     cos, sin = torch.cos(radians), torch.sin(radians)
-    matrices = identity_matrices(angles_deg.shape[0], angles_deg.device)
+    matrices = torch.eye(3, device=angles_deg.device).expand(angles_deg.shape[0], 3, 3).clone()
     matrices[:, 0, 0] = cos
     matrices[:, 0, 1] = -sin * (height / width)
     matrices[:, 1, 0] = sin * (width / height)
@@ -133,7 +129,9 @@ def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     ).view(3, h * w)
     mapped = matrices.to(torch.float32) @ base  # (N, 3, H·W)
     grid = (mapped[:, :2] / mapped[:, 2:]).transpose(1, 2).reshape(n, h, w, 2)
-    return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(
+        images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
 
 
 def rotate(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
@@ -151,7 +149,8 @@ def rotate_then_perspective(
 ) -> torch.Tensor:
     """`perspective(rotate(images, angles), startpoints, endpoints)` with a single resampling."""
     h, w = images.shape[-2:]
-    return warp(images, rotation_matrices(angles_deg, h, w) @ perspective_matrices(startpoints, endpoints, h, w))
+    rotation = rotation_matrices(angles_deg, h, w)
+    return warp(images, rotation @ perspective_matrices(startpoints, endpoints, h, w))
 
 
 def random_angles(batch_size: int, degrees: float, generator: torch.Generator) -> torch.Tensor:

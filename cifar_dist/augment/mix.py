@@ -2,9 +2,9 @@
 
 One of {none, mixup, cutmix} is chosen per batch, with one λ per batch (timm's convention): the
 batch is mixed with a permutation of itself, image i with image perm[i]. The choice, λ and
-the cutmix box stay on the device and select results with `torch.where`, so mixing never
-waits for the GPU; `info` holds them as 0-d tensors (`MIX_KINDS[int(info["kind"])]` names the
-choice).
+the cutmix box stay on the device and become one per-pixel weight for a `lerp`, so mixing
+never waits for the GPU (no host-side branch); `info` holds them as tensors
+(`MIX_KINDS[int(info["kind"])]` names the choice).
 """
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ MIX_KINDS = ("none", "mixup", "cutmix")
 NONE, MIXUP, CUTMIX = range(3)
 
 
-def _log_standard_gamma(alpha: float, shape: tuple, generator: torch.Generator, candidates: int) -> torch.Tensor:
+def _log_standard_gamma(
+    alpha: float, shape: tuple, generator: torch.Generator, candidates: int
+) -> torch.Tensor:
     """log of Gamma(alpha, 1) samples by Marsaglia–Tsang, vectorised over `candidates` tries each.
 
     α < 1 uses Gamma(α) = Gamma(α + 1)·U^(1/α). Each try is accepted with probability > 0.95,
     so all tries of one sample fail with probability < 0.05**candidates (< 1e-20 by default);
-    that sample then takes the mode of the proposal instead of looping on a host check.
+    that sample then takes d = α − 1/3 (the proposal's centre) instead of looping on a host check.
     """
     device = generator.device
     boosted = alpha + 1.0 if alpha < 1.0 else alpha

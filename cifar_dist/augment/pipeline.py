@@ -103,7 +103,7 @@ class TrainAugment:
         distorting = cfg.perspective_prob > 0 and cfg.perspective_distortion > 0
         if not rotating and not distorting:
             return images
-        matrices = geometric.identity_matrices(n, images.device)
+        matrices = None
         if rotating:
             angles = geometric.random_angles(n, cfg.rotate_degrees, generator)
             matrices = geometric.rotation_matrices(angles, h, w)
@@ -111,20 +111,26 @@ class TrainAugment:
             start, end, applied = geometric.random_perspective_points(
                 n, h, w, cfg.perspective_distortion, cfg.perspective_prob, generator
             )
-            matrices = matrices @ geometric.perspective_matrices(start, end, h, w)
+            homographies = geometric.perspective_matrices(start, end, h, w)
+            # Rotation first, then perspective: output point p samples the input at R·P·p.
+            matrices = homographies if matrices is None else matrices @ homographies
         warped = geometric.warp(images, matrices)
         if rotating:
             return warped
         # Only perspective: samples it was not applied to keep their exact pixels.
         return torch.where(applied.view(-1, 1, 1, 1), warped, images)
 
-    def __call__(self, images_uint8: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, epoch: int = 0):
+    def __call__(
+        self, images_uint8: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, epoch: int = 0
+    ):
         """Returns (normalised float32 images, soft targets (N, num_classes))."""
         _check_batch(images_uint8, generator)
         cfg = self.cfg
         n, _, h, w = images_uint8.shape
         if cfg.crop_padding >= min(h, w):
-            raise ValueError(f"augment.crop_padding must be smaller than the image side {min(h, w)}; got {cfg.crop_padding}")
+            raise ValueError(
+                f"augment.crop_padding must be smaller than the image side {min(h, w)}; got {cfg.crop_padding}"
+            )
         flip_mask = self._flip_mask(images_uint8, generator, epoch)
         # Crop and flip only move bytes: one gather on uint8, a quarter of the traffic of float,
         # with the same result as running them after the conversion.
@@ -136,7 +142,9 @@ class TrainAugment:
 
         images = color.to_float01(images_uint8)
         images = self._warp(images, generator)
-        factors = color.random_jitter_factors(n, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator)
+        factors = color.random_jitter_factors(
+            n, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator
+        )
         images = color.color_jitter(images, *factors)
         if cfg.cutout_size > 0:
             images = geometric.random_cutout(images, cfg.cutout_size, generator)
@@ -146,6 +154,7 @@ class TrainAugment:
             self._stats[device] = color.channel_stats(device)
         images = color.normalize(images, *self._stats[device])
         images, targets, _ = mix.mix_batch(
-            images, labels, self.num_classes, cfg.mixup_prob, cfg.cutmix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, generator
+            images, labels, self.num_classes,
+            cfg.mixup_prob, cfg.cutmix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, generator,
         )
         return _finish(images, self.channels_last), targets

@@ -158,6 +158,7 @@ class Trainer:
         self.eval_transform = EvalTransform(tc.channels_last)
         self.amp_dtype = amp_dtype(tc.amp, tc.amp_dtype, self.device)
 
+        torch.manual_seed(tc.seed)  # the same initial weights for a given seed, whatever the world size
         self.model = self._build_model()
         self.ema = EMA(self.model, tc.ema_decay, tc.ema_every, tc.ema_warmup_steps,
                        lookahead=tc.ema_lookahead) if tc.ema_decay > 0 else None
@@ -363,7 +364,7 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         count = 0
         t0 = time.perf_counter()
-        self.logger.start_epoch(self.epoch, self.steps_per_epoch)
+        self.logger.start_epoch(self.epoch + 1, self.steps_per_epoch)
         batches = islice(self.train_loader, start_step * accum, self.steps_per_epoch * accum)
         for micro_step, (images, labels) in enumerate(batches, start=start_step * accum):
             generator = self._seed_step(micro_step)

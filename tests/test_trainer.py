@@ -1,0 +1,296 @@
+"""The trainer: DDP equivalence, exact resumes, restarts, checkpoints, guards, errors, learning."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from cifar_dist.config import load_config
+from cifar_dist.engine import checkpoint
+from cifar_dist.engine.trainer import EXIT_DIVERGED, EXIT_PREEMPTED
+from cifar_dist.models import build_model
+from conftest import REPO, free_port, run_torchrun
+
+SCRIPT = "tests/scripts/train_run.py"
+
+
+def tiny_args(data_root: Path, run_dir: Path, *extra) -> list[str]:
+    """Smoke config on the small synthetic copy: 450 train images, 14 steps of 32 per epoch."""
+    return ["--config", "configs/smoke.yaml", f"data.root={data_root}", "data.require_full_size=false",
+            f"run.dir={run_dir}", "model.widths=[8,16,16]", "train.global_batch_size=32", "train.epochs=2",
+            "train.deterministic=true", "logging.print_every_steps=1", *extra]
+
+
+def train(args: list[str], env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def torchrun_train(args: list[str], env=None, extra=()) -> subprocess.CompletedProcess:
+    return run_torchrun(2, [SCRIPT, *args], env=env, extra=extra)
+
+
+def states(run_dir: Path, name: str = "last.pt") -> dict:
+    state = checkpoint.load(run_dir / name)
+    return {"model": state["model"], "ema": state["ema"]["module"], "step": state["global_step"],
+            "epoch": state["epoch"]}
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+
+
+def start_and_signal(cmd: list[str], after_line: str, sig=signal.SIGTERM, env=None) -> tuple[int, str]:
+    """Start cmd, send sig once a stdout line contains after_line; (exit code, all output)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if after_line in line:
+            proc.send_signal(sig)
+            break
+    lines.extend(proc.stdout)
+    return proc.wait(timeout=600), "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from conftest import balanced_labels, id_images, write_batches_folder
+    root = tmp_path_factory.mktemp("trainer") / "data"
+    write_batches_folder(root, id_images(500), balanced_labels(500), id_images(100, seed=1), balanced_labels(100))
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = train(tiny_args(data_root, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_resume_after_max_steps_is_bitwise_identical(data_root, uninterrupted, tmp_path):
+    first = train(tiny_args(data_root, tmp_path, "train.max_steps=20"))  # stops mid-epoch 2 (14 steps/epoch)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert states(tmp_path)["step"] == 20
+    second = train(tiny_args(data_root, tmp_path))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step 20" in second.stdout
+    assert_bitwise_equal(states(tmp_path), states(uninterrupted))
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["val_acc"] for h in history] == [h["val_acc"] for h in reference]
+
+
+def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(data_root, uninterrupted, tmp_path):
+    code, output = start_and_signal([sys.executable, SCRIPT, *tiny_args(data_root, tmp_path)], "epoch 1 step 5/")
+    assert code == EXIT_PREEMPTED, output[-3000:]
+    saved = states(tmp_path)
+    assert saved["epoch"] == 0 and 5 <= saved["step"] < 14  # mid-epoch, right after the signal
+    second = train(tiny_args(data_root, tmp_path))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_bitwise_equal(states(tmp_path), states(uninterrupted))
+
+
+def test_a_different_model_does_not_resume(data_root, uninterrupted):
+    result = train(tiny_args(data_root, uninterrupted, "model.widths=[8,16,32]", "train.epochs=3"))
+    assert result.returncode == 2
+    assert "model settings" in result.stderr and "train.resume=never" in result.stderr
+
+
+def test_corrupt_last_falls_back_to_previous_and_bad_path_errors(data_root, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("last.pt", "last.prev.pt"):
+        (run_dir / name).write_bytes((uninterrupted / name).read_bytes())
+    (run_dir / "last.pt").write_bytes((run_dir / "last.pt").read_bytes()[:5000])  # truncated
+    result = train(tiny_args(data_root, run_dir, "train.epochs=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "falling back to the previous checkpoint" in result.stdout
+    assert states(run_dir)["epoch"] == 3
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = train(tiny_args(data_root, tmp_path / "other", f"train.resume={bad}"))
+    assert result.returncode == 2 and f"checkpoint {bad} is corrupt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_loads_into_a_bare_model(uninterrupted):
+    state = checkpoint.load(uninterrupted / "best_ema.pt")
+    cfg = load_config(None, [f"model.{k}={json.dumps(v)}" for k, v in state["config"]["model"].items()])
+    model = build_model(cfg.model)
+    model.load_state_dict(state["ema"]["module"], strict=True)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    assert {"optimizer", "scheduler", "scaler", "rng", "config", "history", "package_version"} <= state.keys()
+
+
+def test_checkpoint_write_killed_leaves_a_loadable_last(tmp_path):
+    writer = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from cifar_dist.engine import checkpoint\n"
+        "i = 0\n"
+        "while True:\n"
+        "    i += 1\n"
+        "    state = {'format_version': checkpoint.FORMAT_VERSION, 'i': i, 'w': torch.full((4_000_000,), float(i))}\n"
+        "    checkpoint.save_atomic(state, Path(sys.argv[1]) / 'last.pt', keep_previous=True)\n"
+        "    print(i, flush=True)\n"
+    )
+    for delay in (0.0, 0.05, 0.13, 0.31):
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip() == "1"  # one whole write exists
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        state = checkpoint.load_resume_state(tmp_path, "auto", log=lambda *_: None)
+        assert state is not None and torch.equal(state["w"], torch.full((4_000_000,), float(state["i"])))
+
+
+def test_nonfinite_losses_are_skipped_then_stop_with_checkpoint_intact(data_root, tmp_path):
+    args = tiny_args(data_root, tmp_path, "model.name=nan_after", "train.max_nonfinite_steps=3", "train.ema_decay=0")
+    result = train(args, env={"NAN_AFTER": "16"})  # epoch 1 (14 steps) is clean, epoch 2 turns NaN at step 17
+    assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
+    assert "3 consecutive steps with a non-finite loss" in result.stdout
+    assert result.stdout.count("step skipped") == 3
+    state = checkpoint.load(tmp_path / "last.pt")
+    assert state["epoch"] == 1 and state["global_step"] == 14
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_config_errors_are_clear(data_root, tmp_path):
+    result = train(tiny_args(data_root, tmp_path, "train.epohcs=3"))
+    assert result.returncode == 2 and "unknown config key 'train.epohcs'" in result.stderr
+    assert "did you mean 'train.epochs'" in result.stderr
+    result = train(tiny_args(data_root, tmp_path, "train.lr=fast"))
+    assert result.returncode == 2 and "'train.lr' expects float" in result.stderr
+    result = train(tiny_args(data_root, tmp_path, "train.sync_bn=on"))
+    assert result.returncode == 2 and "train.sync_bn=on needs CUDA" in result.stderr
+    result = torchrun_train(tiny_args(data_root, tmp_path, "train.global_batch_size=33"))
+    assert result.returncode != 0
+    assert "train.global_batch_size=33 is not divisible by world size 2" in result.stderr
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_two_ranks_one_step_equals_single_process_on_the_global_batch(data_root, tmp_path):
+    common = ["model.name=tiny_nobn", "data.train_subset=32", "train.epochs=1", "train.max_steps=1",
+              "train.ema_decay=0", "train.grad_clip_norm=0", "train.deterministic=false",
+              "augment.crop_padding=0", "augment.flip=none", "augment.brightness=0", "augment.contrast=0",
+              "augment.saturation=0", "augment.hue=0", "augment.mixup_prob=0", "augment.cutmix_prob=0",
+              "train.lr=0.5", "train.schedule=cosine", "train.warmup_epochs=0"]
+    single = train(tiny_args(data_root, tmp_path / "one", *common))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = torchrun_train(tiny_args(data_root, tmp_path / "two", *common))
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = checkpoint.load(tmp_path / "one" / "last.pt"), checkpoint.load(tmp_path / "two" / "last.pt")
+    assert one["global_step"] == two["global_step"] == 1
+    sys.path.insert(0, str(REPO / "tests" / "scripts"))
+    from train_run import TinyNoBN
+    torch.manual_seed(0)  # train.seed: the trainer seeds before building, so this is the initial state
+    initial = TinyNoBN(10).state_dict()
+    for key in one["model"]:
+        torch.testing.assert_close(one["model"][key], two["model"][key], rtol=0, atol=1e-6)
+    assert max(float((one["model"][k] - initial[k]).abs().max()) for k in initial) > 1e-3  # it did step
+
+
+def test_two_ranks_sigterm_resume_bitwise_ema_identical_and_exact_counts(data_root, tmp_path):
+    dump_u, dump_i = tmp_path / "dump_u", tmp_path / "dump_i"
+    dump_u.mkdir(), dump_i.mkdir()
+    result = torchrun_train(tiny_args(data_root, tmp_path / "u"), env={"DUMP_DIR": str(dump_u)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((dump_u / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["ema"] == ranks[1]["ema"] and ranks[0]["model"] == ranks[1]["model"]
+    assert [h["val_count"] for h in ranks[0]["history"]] == [50, 50]
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), SCRIPT, *tiny_args(data_root, tmp_path / "i")]
+    code, output = start_and_signal(cmd, "epoch 2 step 3/")
+    assert code != 0, output[-3000:]
+    saved = states(tmp_path / "i")
+    assert saved["epoch"] == 1 and 14 + 3 <= saved["step"] < 28, output[-3000:]
+    result = torchrun_train(tiny_args(data_root, tmp_path / "i"), env={"DUMP_DIR": str(dump_i)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_bitwise_equal(states(tmp_path / "i"), states(tmp_path / "u"))
+    resumed = [json.loads((dump_i / f"rank{r}.json").read_text()) for r in range(2)]
+    assert resumed[0]["ema"] == resumed[1]["ema"] == ranks[0]["ema"]
+
+
+def test_resume_on_another_world_size_says_so(data_root, tmp_path):
+    first = train(tiny_args(data_root, tmp_path, "train.max_steps=10"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun_train(tiny_args(data_root, tmp_path))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "saved with world size 1 on world size 2" in second.stdout
+    assert states(tmp_path)["epoch"] == 2
+
+
+def test_torchrun_restarts_after_a_rank_is_killed(data_root, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT,
+           *tiny_args(data_root, tmp_path, "train.epochs=3")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 2 step 4/" in line:
+            workers = [p for p in psutil.Process(proc.pid).children() if "train_run.py" in " ".join(p.cmdline())]
+            assert len(workers) == 2
+            workers[-1].kill()
+            break
+    lines.extend(proc.stdout)
+    output = "".join(lines)
+    assert proc.wait(timeout=600) == 0, output[-4000:]
+    assert "resumed from" in output and "at epoch 1" in output
+    assert states(tmp_path)["epoch"] == 3
+    history = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert history == [1, 2, 3]
+
+
+def test_wandb_offline_keeps_history_and_run_id_across_resume(data_root, tmp_path):
+    result = train(tiny_args(data_root, tmp_path, "logging.wandb.mode=offline", "train.max_steps=20"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = checkpoint.load(tmp_path / "last.pt")["wandb_run_id"]
+    assert run_id
+    result = train(tiny_args(data_root, tmp_path, "logging.wandb.mode=offline"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run_id in r.name for r in runs)
+    files = [f for r in runs for f in r.glob("*.wandb")]
+    assert len(files) == 2 and all(f.stat().st_size > 1000 for f in files)
+
+
+def test_wandb_disabled_writes_nothing(uninterrupted):
+    assert not (uninterrupted / "wandb").exists()
+    assert {p.name for p in uninterrupted.iterdir()} >= {"metrics.jsonl", "summary.csv", "last.pt", "best.pt"}
+
+
+def test_learns_real_data(real_data_root, tmp_path):
+    """A small net on a 10k-image subset of the real training split, a few CPU minutes: > 50% val acc."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cifar_dist", "train", "--config", "configs/smoke.yaml",
+         f"data.root={real_data_root}", f"run.dir={tmp_path}", "data.train_subset=10000",
+         "model.widths=[32,64,64]", "train.epochs=4", "train.global_batch_size=128", "train.lr=0.2",
+         "train.ema_decay=0.99", "augment.mixup_prob=0", "augment.cutmix_prob=0"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    best = max(max(h["val_acc"], h["ema_val_acc"]) for h in history)
+    print(f"real-data val accuracy after {len(history)} epochs: {best:.4f}")
+    assert history[-1]["val_count"] == 5000
+    assert best > 0.5
