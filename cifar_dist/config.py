@@ -145,8 +145,16 @@ CHOICES = {
 }
 
 
-def _coerce(key: str, value, expected_type):
-    """Return value as expected_type, or raise ConfigError naming the key."""
+def _coerce(key: str, value, expected_type, raw: str | None):
+    """Return value as expected_type, or raise ConfigError naming the key.
+
+    raw is the override's text: a string key takes it as written, so `train.sync_bn=on` stays "on"
+    although YAML reads on/off/yes/no as booleans; in YAML files those words become "on"/"off".
+    """
+    if expected_type is str and raw is not None:
+        return raw
+    if expected_type is str and isinstance(value, bool):
+        return "on" if value else "off"
     if expected_type is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected_type is list and isinstance(value, tuple):
@@ -158,7 +166,7 @@ def _coerce(key: str, value, expected_type):
     )
 
 
-def _set_key(node, dotted_key: str, value, source: str) -> None:
+def _set_key(node, dotted_key: str, value, source: str, raw: str | None = None) -> None:
     root, parts = node, dotted_key.split(".")
     for depth, part in enumerate(parts):
         key_so_far = ".".join(parts[: depth + 1])
@@ -183,7 +191,7 @@ def _set_key(node, dotted_key: str, value, source: str) -> None:
             for sub_key, sub_value in value.items():
                 _set_key(root, f"{dotted_key}.{sub_key}", sub_value, source)
             return
-        setattr(node, part, _coerce(dotted_key, value, typing.get_origin(expected) or expected))
+        setattr(node, part, _coerce(dotted_key, value, typing.get_origin(expected) or expected, raw))
 
 
 def _apply_mapping(cfg: Config, mapping: dict, source: str) -> None:
@@ -233,7 +241,7 @@ def get_key(cfg: Config, dotted_key: str):
     return node
 
 
-def parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object, str]:
     """Split 'a.b=value' and parse value as YAML (so 3 is int, 0.1 float, [1, 2] a list)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
@@ -244,7 +252,7 @@ def parse_override(text: str) -> tuple[str, object]:
         value = raw
     if value is None:
         value = ""
-    return key.strip(), value
+    return key.strip(), value, raw
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -262,8 +270,8 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] = ()) 
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(mapping).__name__}")
         _apply_mapping(cfg, mapping, str(path))
     for text in overrides:
-        key, value = parse_override(text)
-        _set_key(cfg, key, value, "command-line override")
+        key, value, raw = parse_override(text)
+        _set_key(cfg, key, value, "command-line override", raw)
     validate(cfg)
     return cfg
 

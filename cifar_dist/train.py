@@ -14,14 +14,16 @@ def train_main(config_path: str | None, overrides: list[str]) -> int:
     # cuBLAS needs this before its first call to be deterministic; harmless otherwise.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     from cifar_dist.engine.checkpoint import CheckpointError
-    from cifar_dist.engine.distributed import init_distributed, shutdown
+    from cifar_dist.engine.distributed import barrier, init_distributed, shutdown
     from cifar_dist.engine.trainer import Trainer
 
     try:
         cfg = load_config(config_path, overrides)
         env = init_distributed(cfg.train.device)
         try:
-            return Trainer(cfg, env).fit()
+            code = Trainer(cfg, env).fit()
+            barrier()  # no rank leaves while rank 0 still writes its last checkpoint
+            return code
         finally:
             shutdown()
     except (ConfigError, DataError, CheckpointError) as err:

@@ -13,6 +13,7 @@ import random
 import resource
 import signal
 import time
+import warnings
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
@@ -182,7 +183,7 @@ class Trainer:
         self.wandb_run_id = self.logger.wandb_run_id
         if self.history:
             self.logger.load_history(self.history)
-        self.stop_requested = False
+        self.signal_received = False  # set by the handler; acted on only once all ranks agree
         self.last_checkpoint_time = time.monotonic()
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -207,8 +208,12 @@ class Trainer:
         net = model
         if self.env.distributed:
             # Per-rank BN statistics (no buffer broadcast); they are averaged before eval and save.
-            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                          else None, broadcast_buffers=False)
+            # broadcast_buffers=False is deprecated, but its replacement still syncs buffers at init,
+            # which would overwrite the per-rank buffers an exact resume puts back.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                device_ids = [self.device.index] if self.device.type == "cuda" else None
+                net = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
         if self.cfg.train.compile:
             net = torch.compile(net, mode=self.cfg.train.compile_mode)
         return net
@@ -304,14 +309,14 @@ class Trainer:
 
     # ---- training -----------------------------------------------------------------------------
     def _request_stop(self, signum, _frame) -> None:
-        self.stop_requested = True
+        self.signal_received = True
         self.log(f"received {signal.Signals(signum).name}: finishing the step, then writing last.pt")
 
     def _agree(self, nonfinite: bool) -> tuple[bool, bool, bool]:
         """(non-finite, stop, checkpoint due) agreed by all ranks, so all take the same branch."""
         interval_s = self.cfg.train.checkpoint_interval_min * 60
         due = interval_s > 0 and time.monotonic() - self.last_checkpoint_time > interval_s
-        flags = torch.tensor([nonfinite, self.stop_requested, due], dtype=torch.float32, device=self.device)
+        flags = torch.tensor([nonfinite, self.signal_received, due], dtype=torch.float32, device=self.device)
         all_reduce_(flags, op=torch.distributed.ReduceOp.MAX)
         return tuple(bool(f) for f in flags.tolist())
 
@@ -321,8 +326,8 @@ class Trainer:
         torch.manual_seed(make_generator(tc.seed, rank, self.epoch, -1 - micro_step, "cpu").initial_seed())
         return make_generator(tc.seed, rank, self.epoch, micro_step, self.device)
 
-    def _optimizer_step(self) -> bool:
-        """Unscale, clip, step; False (step skipped) when the gradient is not finite."""
+    def _optimizer_step(self) -> tuple[bool, bool]:
+        """Unscale, clip, step (skipped when the gradient is not finite); (stop, checkpoint due) agreed."""
         tc = self.cfg.train
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -330,7 +335,6 @@ class Trainer:
         max_norm = tc.grad_clip_norm if tc.grad_clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         nonfinite, stop, due = self._agree(not bool(torch.isfinite(grad_norm)))
-        self.stop_requested, self._checkpoint_due = stop, due
         if nonfinite:
             if self.scaler:
                 self.scaler.update()  # lowers the scale, as after any fp16 overflow
@@ -350,7 +354,7 @@ class Trainer:
         self.global_step += 1
         if self.ema and not nonfinite:
             self.ema.update(self.model, self.global_step)
-        return not nonfinite
+        return stop, due
 
     def train_epoch(self) -> tuple[str, dict | None]:
         """Train from the current position: ("done", epoch sums) or ("signal" | "max_steps", None)."""
@@ -382,7 +386,7 @@ class Trainer:
             count += len(labels)
             if not last_micro:
                 continue
-            self._optimizer_step()
+            stop, due = self._optimizer_step()
             if self.nonfinite_streak >= tc.max_nonfinite_steps:
                 raise TrainingDiverged(
                     f"{self.nonfinite_streak} consecutive steps with a non-finite loss or gradient (limit "
@@ -391,13 +395,13 @@ class Trainer:
             step_in_epoch = self.global_step - self.epoch * self.steps_per_epoch
             self.logger.step(step_in_epoch, self.global_step, float(loss.detach()), self.scheduler.get_last_lr()[0])
             reached_max = tc.max_steps and self.global_step >= tc.max_steps
-            if self.stop_requested or self._checkpoint_due or reached_max:
+            if stop or due or reached_max:
                 if step_in_epoch == self.steps_per_epoch:
                     break  # the end-of-epoch checkpoint follows right away
                 self.partial_epoch = self._merge(sums, loss_sum, correct, count, time.perf_counter() - t0)
                 self.save((checkpoint.LAST,))
                 self.last_checkpoint_time = time.monotonic()
-                if self.stop_requested:
+                if stop:
                     return "signal", None
                 if reached_max:
                     return "max_steps", None
@@ -455,7 +459,6 @@ class Trainer:
     def fit(self) -> int:
         """Train to train.epochs (or train.max_steps); returns the process exit code."""
         previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
-        self._checkpoint_due = False
         try:
             while self.epoch < self.cfg.train.epochs:
                 outcome, sums = self.train_epoch()
@@ -467,7 +470,7 @@ class Trainer:
                     self.log(f"reached train.max_steps={self.cfg.train.max_steps}; state saved")
                     return 0
                 self.end_epoch(sums)
-                if self.stop_requested:
+                if self._agree(False)[1]:  # a signal that came during evaluation
                     return EXIT_PREEMPTED
                 if self.cfg.train.max_steps and self.global_step >= self.cfg.train.max_steps:
                     return 0
