@@ -21,21 +21,34 @@ def translate(
 
     Equals slicing `F.pad(images, (p, p, p, p), mode="reflect")` at rows p+dy … p+dy+H−1 and
     columns p+dx … p+dx+W−1, i.e. a random crop of the reflect-padded image.
-    shifts_xy: (N, 2) integer (dx, dy), each in [-padding, padding].
+    shifts_xy: (N, 2) integer (dx, dy), each in [-padding, padding], padding < min(H, W).
     flip_mask: (N,) bool; those samples are also mirrored, in the same gather, as
     `flip(translate(images, shifts_xy, padding), flip_mask)`.
+    One gather from the unpadded images; the memory format is kept.
     """
     n, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding), mode="reflect") if padding > 0 else images
-    padded_w = w + 2 * padding
-    shifts = shifts_xy.to(device=images.device, dtype=torch.long) + padding
-    columns = torch.arange(w, device=images.device).expand(n, w)
+    device = images.device
+    shifts = shifts_xy.to(device=device, dtype=torch.long)
+    columns = torch.arange(w, device=device).expand(n, w)
     if flip_mask is not None:
         columns = torch.where(flip_mask.view(-1, 1), columns.flip(-1), columns)
-    rows = shifts[:, 1:2] + torch.arange(h, device=images.device)  # (N, H)
-    cols = shifts[:, 0:1] + columns  # (N, W)
-    flat_index = (rows[:, :, None] * padded_w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
-    return padded.reshape(n, c, -1).gather(2, flat_index).view(n, c, h, w)
+    rows = _reflect(shifts[:, 1:2] + torch.arange(h, device=device), h)  # (N, H)
+    cols = _reflect(shifts[:, 0:1] + columns, w)  # (N, W)
+    pixel_index = rows[:, :, None] * w + cols[:, None, :]  # (N, H, W) into each image's H·W pixels
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        # Whole pixels (C values side by side) from the (N·H·W, C) view: one row select each.
+        pixel_index = pixel_index + torch.arange(n, device=device).view(n, 1, 1) * (h * w)
+        moved = images.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(0, pixel_index.view(-1))
+        return moved.view(n, h, w, c).permute(0, 3, 1, 2)
+    pixel_index = pixel_index.view(n, 1, h * w).expand(n, c, h * w)
+    return images.reshape(n, c, h * w).gather(2, pixel_index).view(n, c, h, w)
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices in [-(size − 1), 2·(size − 1)] mirrored into [0, size) about the first and last
+    pixel, the edge not repeated (F.pad's "reflect")."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
 def random_shifts(batch_size: int, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -127,8 +140,10 @@ def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     base = torch.stack(
         [xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=device)], dim=0
     ).view(3, h * w)
-    mapped = matrices.to(torch.float32) @ base  # (N, 3, H·W)
-    grid = (mapped[:, :2] / mapped[:, 2:]).transpose(1, 2).reshape(n, h, w, 2)
+    # All matrices stacked into one (3N, 3) @ (3, H·W) product: a batched matmul against a
+    # broadcast base would first copy the base N times.
+    mapped = (matrices.to(torch.float32).reshape(n * 3, 3) @ base).view(n, 3, h * w)
+    grid = (mapped[:, :2] / mapped[:, 2:]).transpose(1, 2).unflatten(1, (h, w))  # (N, H, W, 2), a view
     return F.grid_sample(
         images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
     )

@@ -140,7 +140,8 @@ class TrainAugment:
         elif flip_mask is not None:
             images_uint8 = geometric.flip(images_uint8, flip_mask)
 
-        images = color.to_float01(images_uint8)
+        # Loaders give channels_last bytes; resampling and the colour matmul run fastest on NCHW.
+        images = color.to_float01(images_uint8).contiguous()
         images = self._warp(images, generator)
         factors = color.random_jitter_factors(
             n, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator

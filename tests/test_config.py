@@ -1,0 +1,72 @@
+"""Config grammar: defaults, YAML files, dotted overrides, validation; the CLI around it."""
+from __future__ import annotations
+
+import pytest
+
+from cifar_dist.config import ConfigError, config_from_dict, config_to_dict, load_config
+from conftest import run_cli
+
+
+def test_defaults_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  lr: 1\nlogging:\n  wandb:\n    mode: offline\n    tags: [a, b]\n")
+    cfg = load_config(path, ["train.epochs=9", "model.widths=[8, 16, 32]", "data.loader=gpu"])
+    assert cfg.train.epochs == 9 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.logging.wandb.mode == "offline" and cfg.logging.wandb.tags == ["a", "b"]
+    assert cfg.model.widths == [8, 16, 32] and cfg.data.loader == "gpu"
+    assert cfg.data.val_fraction == 0.1 and cfg.data.beton_path().as_posix() == "data/beton"
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_string_keys_keep_yaml_words_and_quotes():
+    cfg = load_config(None, ["train.sync_bn=off", 'model.name="fast"', "run.name=0123"])
+    assert (cfg.train.sync_bn, cfg.model.name, cfg.run.name) == ("off", "fast", "0123")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "unknown config key 'train.epoch'.*did you mean 'train.epochs'"),
+    ("trian.epochs=3", "unknown config key 'trian'"),
+    ("train.epochs=3.5", "'train.epochs' expects int, got 3.5"),
+    ("train.amp=maybe", "'train.amp' expects bool"),
+    ("data.loader=dali", "'data.loader' must be one of ffcv, gpu, torchvision"),
+    ("model.name=vgg", "'model.name' must be one of attention_resnet, fast, resnet18"),
+    ("augment.mixup_prob=0.8", "mixup_prob \\+ augment.cutmix_prob must be at most 1"),
+    ("data.val_fraction=1.5", "'data.val_fraction' must be in \\[0, 1\\)"),
+    ("train.lr", "not of the form key.sub=value"),
+    ("train=3", "is a section"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_yaml_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=f"unknown config key 'train.epochz' in {path}"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    result = run_cli("prepare", "data.loadr=gpu")
+    assert result.returncode == 2
+    assert "unknown config key 'data.loadr'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_repo_configs_load():
+    for name in ("default", "fast", "smoke"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.run.name == name
+    default = load_config("configs/default.yaml")
+    assert (default.model.name, default.train.global_batch_size, default.train.epochs) == ("attention_resnet", 128, 500)
+    assert (default.augment.mixup_prob, default.augment.cutmix_prob, default.train.ema_decay) == (0.3, 0.3, 0.999)
+
+
+def test_model_summary_command():
+    result = run_cli("model-summary", "attention_resnet", "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    assert "4,913,705" in result.stdout
+    result = run_cli("model-summary", "resnet18", "model.num_classes=100", "--batch-size", "2")
+    assert result.returncode == 0 and "11,220,132" in result.stdout  # 11,173,962 + 90 * 513
