@@ -158,6 +158,11 @@ def _coerce(key: str, value, expected_type, raw: str | None):
         return "on" if value else "off"
     if expected_type is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected_type is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expected_type is list and isinstance(value, tuple):
         return list(value)
     if isinstance(value, expected_type) and not (expected_type is int and isinstance(value, bool)):

@@ -294,3 +294,33 @@ def test_learns_real_data(real_data_root, tmp_path):
     print(f"real-data val accuracy after {len(history)} epochs: {best:.4f}")
     assert history[-1]["val_count"] == 5000
     assert best > 0.5
+
+
+def test_time_based_checkpoints_leave_the_run_unchanged(data_root, uninterrupted, tmp_path):
+    result = train(tiny_args(data_root, tmp_path, "train.checkpoint_interval_min=1e-6"))  # after every step
+    assert result.returncode == 0, result.stderr[-8000:]
+    assert result.stdout.count("checkpoint: ") == 2 * 13  # every step but the last of each epoch
+    assert_bitwise_equal(states(tmp_path), states(uninterrupted))
+
+
+def test_gradient_accumulation_matches_the_full_batch(data_root, tmp_path):
+    common = ["model.name=tiny_nobn", "data.train_subset=32", "train.epochs=1", "train.max_steps=1",
+              "train.ema_decay=0", "train.grad_clip_norm=0", "augment.mixup_prob=0", "augment.cutmix_prob=0",
+              "augment.crop_padding=0", "augment.flip=none", "augment.brightness=0", "augment.contrast=0",
+              "augment.saturation=0", "augment.hue=0", "train.warmup_epochs=0", "train.schedule=cosine"]
+    for name, accum in (("full", 1), ("accum", 4)):
+        result = train(tiny_args(data_root, tmp_path / name, *common, f"train.grad_accum_steps={accum}"))
+        assert result.returncode == 0, result.stderr[-8000:]
+    full, accum = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "accum" / "last.pt")
+    for key in full["model"]:
+        torch.testing.assert_close(full["model"][key], accum["model"][key], rtol=0, atol=1e-6)
+
+
+def test_bf16_autocast_and_compile_after_ddp_on_two_ranks(data_root, tmp_path):
+    args = tiny_args(data_root, tmp_path, "model.name=tiny_nobn", "train.amp=true", "train.compile=true",
+                     "train.epochs=1", "train.deterministic=false")
+    result = torchrun_train(args)
+    assert result.returncode == 0, result.stderr[-8000:]
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert history[0]["val_count"] == 50 and history[0]["nonfinite_steps"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint.load(tmp_path / "last.pt")["model"].values())

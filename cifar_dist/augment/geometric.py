@@ -137,13 +137,13 @@ def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     device = images.device
     xs = (torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1
     ys = (torch.arange(h, device=device, dtype=torch.float32) * 2 + 1) / h - 1
-    base = torch.stack(
-        [xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=device)], dim=0
-    ).view(3, h * w)
-    # All matrices stacked into one (3N, 3) @ (3, H·W) product: a batched matmul against a
-    # broadcast base would first copy the base N times.
-    mapped = (matrices.to(torch.float32).reshape(n * 3, 3) @ base).view(n, 3, h * w)
-    grid = (mapped[:, :2] / mapped[:, 2:]).transpose(1, 2).unflatten(1, (h, w))  # (N, H, W, 2), a view
+    # M·(x, y, 1) on the pixel grid is separable: (row·(x, 0, 0)) + (row·(0, y, 1)) for each row of M,
+    # an outer sum that costs one pass, where a matmul against the (3, H·W) grid costs several.
+    matrices = matrices.to(torch.float32).transpose(1, 2)  # (N, 3 [x, y, 1], 3 [rows of M])
+    along_x = matrices[:, None, 0, :] * xs.view(1, w, 1)  # (N, W, 3)
+    along_y = torch.addcmul(matrices[:, None, 2, :], matrices[:, None, 1, :], ys.view(1, h, 1))  # (N, H, 3)
+    mapped = along_y.unsqueeze(2) + along_x.unsqueeze(1)  # (N, H, W, 3)
+    grid = mapped[..., :2] / mapped[..., 2:]
     return F.grid_sample(
         images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
     )

@@ -401,6 +401,7 @@ class Trainer:
                 self.partial_epoch = self._merge(sums, loss_sum, correct, count, time.perf_counter() - t0)
                 self.save((checkpoint.LAST,))
                 self.last_checkpoint_time = time.monotonic()
+                self.log(f"checkpoint: {self.run_dir / checkpoint.LAST} at step {self.global_step}")
                 if stop:
                     return "signal", None
                 if reached_max:
