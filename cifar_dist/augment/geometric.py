@@ -137,13 +137,14 @@ def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     device = images.device
     xs = (torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1
     ys = (torch.arange(h, device=device, dtype=torch.float32) * 2 + 1) / h - 1
-    # M·(x, y, 1) on the pixel grid is separable: (row·(x, 0, 0)) + (row·(0, y, 1)) for each row of M,
-    # an outer sum that costs one pass, where a matmul against the (3, H·W) grid costs several.
-    matrices = matrices.to(torch.float32).transpose(1, 2)  # (N, 3 [x, y, 1], 3 [rows of M])
-    along_x = matrices[:, None, 0, :] * xs.view(1, w, 1)  # (N, W, 3)
-    along_y = torch.addcmul(matrices[:, None, 2, :], matrices[:, None, 1, :], ys.view(1, h, 1))  # (N, H, 3)
-    mapped = along_y.unsqueeze(2) + along_x.unsqueeze(1)  # (N, H, W, 3)
-    grid = mapped[..., :2] / mapped[..., 2:]
+    # M·(x, y, 1)ᵀ over the pixel grid is an outer sum, column 0 of M times x plus columns 1, 2
+    # times (y, 1): one pass, where a matmul against the (3, H·W) grid costs several. Planes
+    # (N, 3, H, W) keep every elementwise op on long contiguous rows.
+    matrices = matrices.to(torch.float32)
+    along_x = matrices[:, :, 0:1] * xs  # (N, 3, W)
+    along_y = torch.addcmul(matrices[:, :, 2:3], matrices[:, :, 1:2], ys)  # (N, 3, H)
+    mapped = along_y.unsqueeze(-1) + along_x.unsqueeze(-2)  # (N, 3, H, W)
+    grid = (mapped[:, :2] / mapped[:, 2:]).permute(0, 2, 3, 1)  # (N, H, W, 2), a strided view
     return F.grid_sample(
         images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
     )
