@@ -1,14 +1,29 @@
-"""Small queries the shell launchers make about a command line's config."""
+"""Small queries the shell launchers make about a command line's config.
+
+`python -m cifar_dist.launch_info loader [--config FILE] [key=value ...]` prints data.loader, or
+the config error and exit code 2, so a launcher stops before starting any worker.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
 
-from cifar_dist.config import load_config
+from cifar_dist.config import ConfigError, load_config
 
 
-def loader_of(argv: list[str]) -> str:
-    """data.loader of `[--config FILE] [key=value ...]`."""
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("query", choices=["loader"])
     parser.add_argument("--config")
     args, overrides = parser.parse_known_args(argv)
-    return load_config(args.config, overrides).data.loader
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(cfg.data.loader)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
