@@ -288,7 +288,7 @@ def test_wandb_disabled_creates_no_folder_and_never_imports_wandb(tmp_path):
     result = _run_python(f"""
         import sys
         from pathlib import Path
-        from cifar_dist.config import LoggingConfig, WandbConfig
+        from cifar_dist.config import ConfigError, LoggingConfig, WandbConfig
         from cifar_dist.engine.logging import RunLogger
 
         logger = RunLogger(Path({str(tmp_path)!r}), LoggingConfig(wandb=WandbConfig(mode="disabled")),
@@ -311,18 +311,18 @@ def test_wandb_missing_is_an_actionable_error(tmp_path):
         import sys
         sys.modules["wandb"] = None  # as if the package were not installed
         from pathlib import Path
-        from cifar_dist.config import LoggingConfig, WandbConfig
+        from cifar_dist.config import ConfigError, LoggingConfig, WandbConfig
         from cifar_dist.engine.logging import RunLogger
 
         cfg = LoggingConfig(wandb=WandbConfig(mode="offline"))
         RunLogger(Path({str(tmp_path)!r}) / "rank1", cfg, enabled=False, config_dict={{}})  # no error off rank 0
         try:
             RunLogger(Path({str(tmp_path)!r}) / "rank0", cfg, enabled=True, config_dict={{}})
-        except RuntimeError as error:
+        except ConfigError as error:
             print("ERROR:", error)
     """)
     assert result.returncode == 0, result.stderr
-    assert "ERROR:" in result.stdout, "no RuntimeError raised"
+    assert "ERROR:" in result.stdout, "no ConfigError raised"
     message = result.stdout.split("ERROR:", 1)[1]
     assert "'wandb'" in message
     assert "pip install -e .[wandb]" in message

@@ -24,7 +24,7 @@ SCRIPT = "tests/scripts/train_run.py"
 
 def tiny_args(data_root: Path, run_dir: Path, *extra) -> list[str]:
     """Smoke config on the small synthetic copy: 450 train images, 14 steps of 32 per epoch."""
-    return ["--config", "configs/smoke.yaml", f"data.root={data_root}", "data.require_full_size=false",
+    return ["--config", str(REPO / "configs/smoke.yaml"), f"data.root={data_root}", "data.require_full_size=false",
             f"run.dir={run_dir}", "model.widths=[8,16,16]", "train.global_batch_size=32", "train.epochs=2",
             "train.deterministic=true", "logging.print_every_steps=1", *extra]
 
@@ -324,3 +324,25 @@ def test_bf16_autocast_and_compile_after_ddp_on_two_ranks(data_root, tmp_path):
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert history[0]["val_count"] == 50 and history[0]["nonfinite_steps"] == 0
     assert all(torch.isfinite(v).all() for v in checkpoint.load(tmp_path / "last.pt")["model"].values())
+
+
+def test_val_fraction_zero_evaluates_on_the_test_split(data_root, tmp_path):
+    result = train(tiny_args(data_root, tmp_path / "run", "data.val_fraction=0", "train.epochs=1"))
+    assert result.returncode == 0, result.stderr[-8000:]
+    assert "evaluated on the test split" in result.stdout
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["val_count"] == 100  # the synthetic test split
+
+
+def test_default_run_dir_is_found_again_by_a_restart(data_root, tmp_path):
+    env = {"TORCHELASTIC_RUN_ID": "job-42"}
+    args = [a for a in tiny_args(data_root, "unused", "train.max_steps=5") if not a.startswith("run.dir")]
+    first = subprocess.run([sys.executable, str(REPO / SCRIPT), *args], cwd=tmp_path, capture_output=True,
+                           text=True, env={**os.environ, **env})
+    assert first.returncode == 0, first.stderr[-8000:]
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    assert run_dir.name.startswith("smoke-") and (run_dir / "job_id").read_text().strip() == "job-42"
+    again = subprocess.run([sys.executable, str(REPO / SCRIPT), *args, "train.epochs=1"], cwd=tmp_path,
+                           capture_output=True, text=True, env={**os.environ, **env})
+    assert again.returncode == 0, again.stderr[-8000:]
+    assert list((tmp_path / "runs").iterdir()) == [run_dir] and "resumed from" in again.stdout

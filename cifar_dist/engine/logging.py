@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from cifar_dist.config import LoggingConfig
+from cifar_dist.config import ConfigError, LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.csv"
@@ -72,7 +72,7 @@ class RunLogger:
         try:
             import wandb
         except ImportError:
-            raise RuntimeError(
+            raise ConfigError(
                 f"logging.wandb.mode={self.cfg.wandb.mode} needs the 'wandb' package: "
                 "pip install -e .[wandb], or set logging.wandb.mode=disabled"
             ) from None

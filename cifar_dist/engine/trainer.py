@@ -103,6 +103,8 @@ def float_buffers(module: nn.Module) -> list[torch.Tensor]:
 def resolve_run_dir(cfg: Config, env: DistEnv) -> Path:
     """run.dir, or runs/<name>-<timestamp>; a torchrun restart or Slurm requeue finds its own dir again."""
     if cfg.run.dir:
+        if env.is_main:
+            Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         return Path(cfg.run.dir)
     job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
     run_dir = None
@@ -142,7 +144,10 @@ class Trainer:
         self.train_loader = build_loader(cfg.data, "train", self.micro_batch, train=True, seed=tc.seed,
                                          rank=env.rank, world_size=env.world_size, device=self.device,
                                          augment=cfg.augment)
-        self.val_loader = build_loader(cfg.data, "val", self.micro_batch, train=False, rank=env.rank,
+        eval_split = "val" if cfg.data.val_fraction > 0 else "test"
+        if eval_split == "test":
+            self.log("data.val_fraction=0: no val split, so each epoch is evaluated on the test split")
+        self.val_loader = build_loader(cfg.data, eval_split, self.micro_batch, train=False, rank=env.rank,
                                        world_size=env.world_size, device=self.device)
         self.steps_per_epoch = len(self.train_loader) // tc.grad_accum_steps
         if self.steps_per_epoch == 0:
