@@ -346,3 +346,16 @@ def test_default_run_dir_is_found_again_by_a_restart(data_root, tmp_path):
                            capture_output=True, text=True, env={**os.environ, **env})
     assert again.returncode == 0, again.stderr[-8000:]
     assert list((tmp_path / "runs").iterdir()) == [run_dir] and "resumed from" in again.stdout
+
+
+@pytest.mark.parametrize("loader", ["ffcv", "torchvision"])
+def test_training_runs_on_every_loader(data_root, tmp_path, loader):
+    if loader == "ffcv":
+        prepared = subprocess.run([sys.executable, "-m", "cifar_dist", "prepare", f"data.root={data_root}",
+                                   "data.require_full_size=false", "data.num_workers=1"], cwd=REPO,
+                                  capture_output=True, text=True)
+        assert prepared.returncode == 0, prepared.stderr
+    result = train(tiny_args(data_root, tmp_path, f"data.loader={loader}", "train.epochs=1", "train.tta=true"))
+    assert result.returncode == 0, result.stderr[-8000:]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["val_count"] == 50 and record["global_step"] == 14

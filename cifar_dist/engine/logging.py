@@ -61,6 +61,7 @@ class RunLogger:
         # Until the first write, metrics.jsonl may hold lines of an earlier process that are not
         # in the history (a run that died before its first checkpoint): the first write replaces it.
         self._metrics_file_matches_history = False
+        self.plot = cfg.plot
         if not enabled:
             return
         self._on_terminal = sys.stderr.isatty()
@@ -108,8 +109,13 @@ class RunLogger:
             return
         self._epoch, self._num_steps = epoch, num_steps
         if self._on_terminal:
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # plain lines instead (the GPU machines may lack tqdm)
+                print("note: tqdm is not installed, so progress is printed as lines; pip install tqdm",
+                      flush=True)
+                self._on_terminal = False
+                return
             self._close_bar()
             self._bar = tqdm(total=num_steps, desc=f"epoch {epoch}", file=sys.stderr,
                              dynamic_ncols=True, leave=False)
@@ -232,8 +238,13 @@ class RunLogger:
         columns = list(dict.fromkeys(key for record in self.history for key in record))
         rows = [[record.get(key, "") for key in columns] for record in self.history]
         _write_csv(self.run_dir / SUMMARY_FILE, columns, rows)
-        if self.cfg.plot:
-            _replace_atomically(self.run_dir / PLOT_FILE, lambda tmp: _plot_history(self.history, tmp))
+        if self.plot:
+            try:
+                _replace_atomically(self.run_dir / PLOT_FILE, lambda tmp: _plot_history(self.history, tmp))
+            except ImportError:
+                print(f"note: matplotlib is not installed, so {PLOT_FILE} is not drawn; pip install matplotlib",
+                      flush=True)
+                self.plot = False
 
 
 def _plain(value):
