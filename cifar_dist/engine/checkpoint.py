@@ -75,13 +75,3 @@ def load_resume_state(run_dir: Path, resume: str, log=print) -> dict | None:
         return load(previous)
     return None
 
-
-def strip_wrapper_prefixes(state_dict: dict) -> dict:
-    """Keys of a DDP- or compile-wrapped model → keys of the bare model."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
