@@ -126,7 +126,14 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Path:
         log(f"betons in {beton_dir} are up to date with {arrays.source}; nothing rewritten")
         return beton_dir / MANIFEST
 
-    beton_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        beton_dir.mkdir(parents=True, exist_ok=True)
+        probe = beton_dir / f"{TMP_PREFIX}probe.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise DataError(f"cannot write betons to {beton_dir} ({err.strerror}); "
+                        "set data.beton_dir to a writable folder") from None
     _remove_stale_temporaries(beton_dir)
     splits = split_arrays(arrays, cfg.val_fraction, cfg.split_seed)
     temporaries = {}
