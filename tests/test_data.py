@@ -233,3 +233,11 @@ def test_corrupted_beton_is_reported_by_prepare_and_loader(small_cifar):
         build_loader(cfg.data, "train", 10, train=True)
     assert run_cli(*args, "--force").returncode == 0
     assert build_loader(cfg.data, "train", 10, train=True).num_samples == 450
+
+
+def test_unwritable_beton_dir_is_a_clear_error(small_cifar, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_cli("prepare", f"data.root={small_cifar}", f"data.beton_dir={blocker / 'beton'}", *SMALL)
+    assert result.returncode == 2 and "cannot write betons to" in result.stderr
+    assert "data.beton_dir" in result.stderr and "Traceback" not in result.stderr
