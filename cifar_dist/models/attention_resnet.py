@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cifar_dist.config import ModelConfig
-from cifar_dist.models.resnet import conv_bn, kaiming_init, shortcut
+from cifar_dist.models.resnet import BasicBlock, conv_bn, kaiming_init
 
 STAGE_MULTIPLIERS = (2, 4, 8, 8)  # stage widths as multiples of the stem width
 STAGE_STRIDES = (1, 2, 2, 1)
@@ -50,23 +50,9 @@ class SpatialAttention(nn.Module):
         return x * torch.sigmoid(self.conv(pooled))
 
 
-class AttentionBlock(nn.Module):
-    """Basic residual block with channel and spatial attention on the residual branch."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
-        super().__init__()
-        self.residual = nn.Sequential(
-            conv_bn(in_channels, out_channels, 3, stride),
-            nn.ReLU(inplace=True),
-            conv_bn(out_channels, out_channels, 3),
-            ChannelAttention(out_channels),
-            SpatialAttention(),
-        )
-        self.shortcut = shortcut(in_channels, out_channels, stride)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.residual(x) + self.shortcut(x))
+def attention_block(in_channels: int, out_channels: int, stride: int) -> BasicBlock:
+    """Basic residual block with channel and spatial attention at the end of the residual branch."""
+    return BasicBlock(in_channels, out_channels, stride, ChannelAttention(out_channels), SpatialAttention())
 
 
 class AttentionResNet(nn.Module):
@@ -78,7 +64,7 @@ class AttentionResNet(nn.Module):
         blocks, in_channels = [], width
         for multiplier, stride in zip(STAGE_MULTIPLIERS, STAGE_STRIDES):
             out_channels = width * multiplier
-            blocks += [AttentionBlock(in_channels, out_channels, stride), AttentionBlock(out_channels, out_channels, 1)]
+            blocks += [attention_block(in_channels, out_channels, stride), attention_block(out_channels, out_channels, 1)]
             in_channels = out_channels
         self.stages = nn.Sequential(*blocks)
         self.head = nn.Sequential(conv_bn(in_channels, in_channels, 1), nn.ReLU(inplace=True))

@@ -36,14 +36,15 @@ def kaiming_init(model: nn.Module) -> None:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers with a residual connection."""
+    """Two 3x3 conv-BN layers with a residual connection; `extra` modules end the residual branch."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *extra: nn.Module):
         super().__init__()
         self.residual = nn.Sequential(
             conv_bn(in_channels, out_channels, 3, stride),
             nn.ReLU(inplace=True),
             conv_bn(out_channels, out_channels, 3),
+            *extra,
         )
         self.shortcut = shortcut(in_channels, out_channels, stride)
         self.relu = nn.ReLU(inplace=True)
