@@ -97,6 +97,16 @@ def _rotate_about_gray(columns: torch.Tensor, shifts: torch.Tensor) -> torch.Ten
     return cos * columns + sin * cross + (1.0 - cos) * along_gray
 
 
+def _apply_affine(images: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """A·x + t at every pixel of every image: one batched (3 × 3) @ (3 × H·W) product, NCHW out."""
+    n, c, h, w = images.shape
+    return torch.baddbmm(offset.unsqueeze(-1), matrix, images.reshape(n, c, h * w)).view(n, c, h, w)
+
+
+def _channel_means(images: torch.Tensor) -> torch.Tensor:
+    return images.mean(dim=(-2, -1))
+
+
 def color_jitter(
     images: torch.Tensor,
     brightness_factors: Optional[torch.Tensor] = None,
@@ -107,16 +117,35 @@ def color_jitter(
     """Brightness, contrast, saturation, then hue, per sample, as one affine map and one clamp.
 
     images: (N, 3, H, W) in [0, 1]; a None factor skips that step; all None returns images itself.
-    Returns a contiguous (NCHW) tensor.
     """
     factors = (brightness_factors, contrast_factors, saturation_factors, hue_shifts)
     if all(f is None for f in factors):
         return images
-    n, c, h, w = images.shape
-    pixels = images.reshape(n, c, h * w)
-    channel_means = pixels.mean(dim=-1) if contrast_factors is not None else pixels.new_zeros(n, c)
-    matrix, offset = jitter_affine(channel_means, *factors)
-    return torch.baddbmm(offset.unsqueeze(-1), matrix, pixels).clamp_(0.0, 1.0).view(n, c, h, w)
+    matrix, offset = jitter_affine(_channel_means(images), *factors)
+    return _apply_affine(images, matrix, offset).clamp_(0.0, 1.0)
+
+
+def jitter_and_normalize(
+    images: torch.Tensor,
+    factors: Sequence[Optional[torch.Tensor]],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    input_max: float = 255.0,
+) -> torch.Tensor:
+    """`normalize(color_jitter(images / input_max, *factors), mean, std)` in one pass.
+
+    The scaling and the normalisation are affine too, so they join the jitter's map; the clamp to
+    [0, 1] becomes a clamp to each channel's normalised image of [0, 1], which is the same thing
+    because normalising is increasing. images: (N, 3, H, W) floats in [0, input_max], e.g. the
+    raw bytes as float; mean, std: (1, 3, 1, 1) tensors from `channel_stats`. Returns NCHW.
+    """
+    mean, std = mean.reshape(-1, 1), std.reshape(-1, 1)  # (3, 1): per output channel, i.e. per row
+    matrix, offset = jitter_affine(_channel_means(images) / input_max, *factors)
+    matrix = matrix * (1.0 / (input_max * std))
+    offset = (offset.unsqueeze(-1) - mean) / std
+    out = _apply_affine(images, matrix, offset.squeeze(-1))
+    low, high = (-mean / std).view(1, -1, 1, 1), ((1.0 - mean) / std).view(1, -1, 1, 1)
+    return torch.minimum(torch.maximum(out, low, out=out), high, out=out)
 
 
 def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ def translate(
     shifts_xy: (N, 2) integer (dx, dy), each in [-padding, padding], padding < min(H, W).
     flip_mask: (N,) bool; those samples are also mirrored, in the same gather, as
     `flip(translate(images, shifts_xy, padding), flip_mask)`.
-    One gather from the unpadded images; the memory format is kept.
+    One gather from the unpadded images, in any memory format; returns contiguous NCHW.
     """
     n, c, h, w = images.shape
     device = images.device
@@ -34,14 +34,9 @@ def translate(
         columns = torch.where(flip_mask.view(-1, 1), columns.flip(-1), columns)
     rows = _reflect(shifts[:, 1:2] + torch.arange(h, device=device), h)  # (N, H)
     cols = _reflect(shifts[:, 0:1] + columns, w)  # (N, W)
-    pixel_index = rows[:, :, None] * w + cols[:, None, :]  # (N, H, W) into each image's H·W pixels
-    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
-        # Whole pixels (C values side by side) from the (N·H·W, C) view: one row select each.
-        pixel_index = pixel_index + torch.arange(n, device=device).view(n, 1, 1) * (h * w)
-        moved = images.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(0, pixel_index.view(-1))
-        return moved.view(n, h, w, c).permute(0, 3, 1, 2)
-    pixel_index = pixel_index.view(n, 1, h * w).expand(n, c, h * w)
-    return images.reshape(n, c, h * w).gather(2, pixel_index).view(n, c, h, w)
+    pixel_index = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    # flatten(2) is a view for NCHW and for channels_last alike; the gather writes NCHW.
+    return images.flatten(2).gather(2, pixel_index).view(n, c, h, w)
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -144,7 +139,7 @@ def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     along_x = matrices[:, :, 0:1] * xs  # (N, 3, W)
     along_y = torch.addcmul(matrices[:, :, 2:3], matrices[:, :, 1:2], ys)  # (N, 3, H)
     mapped = along_y.unsqueeze(-1) + along_x.unsqueeze(-2)  # (N, 3, H, W)
-    grid = (mapped[:, :2] / mapped[:, 2:]).permute(0, 2, 3, 1)  # (N, H, W, 2), a strided view
+    grid = mapped[:, :2].div_(mapped[:, 2:]).permute(0, 2, 3, 1)  # (N, H, W, 2), a strided view
     return F.grid_sample(
         images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
     )
@@ -213,17 +208,24 @@ def random_perspective_points(
     return startpoints, endpoints, applied
 
 
-def cutout(images: torch.Tensor, centres_xy: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero a size×size square per image, starting at centre − size//2, clipped at the border."""
+def cutout(images: torch.Tensor, centres_xy: torch.Tensor, size: int, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Fill a size×size square per image, starting at centre − size//2, clipped at the border.
+
+    fill: a number, or a tensor broadcastable to (N, C, 1, 1) (e.g. the normalised image of black).
+    """
     h, w = images.shape[-2:]
     start = centres_xy.to(device=images.device, dtype=torch.long) - size // 2  # (N, 2)
     rows = torch.arange(h, device=images.device) - start[:, 1:2]  # (N, H)
     cols = torch.arange(w, device=images.device) - start[:, 0:1]  # (N, W)
     inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
-    return images.masked_fill(inside[:, None], 0)
+    if torch.is_tensor(fill):
+        return torch.where(inside[:, None], fill.to(images.dtype), images)
+    return images.masked_fill(inside[:, None], fill)
 
 
-def random_cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+def random_cutout(
+    images: torch.Tensor, size: int, generator: torch.Generator, fill: float | torch.Tensor = 0.0
+) -> torch.Tensor:
     """Cutout with the centre uniform over the image (so the square may fall partly outside)."""
     n, _, h, w = images.shape
     centres = torch.stack(
@@ -233,4 +235,4 @@ def random_cutout(images: torch.Tensor, size: int, generator: torch.Generator) -
         ],
         dim=1,
     )
-    return cutout(images, centres, size)
+    return cutout(images, centres, size, fill)

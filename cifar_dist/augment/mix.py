@@ -120,8 +120,9 @@ def mix_batch(
         is_cutmix = kind == CUTMIX
         keep = torch.where(inside & is_cutmix, 0.0, keep)
         lam = torch.where(is_cutmix, pasted_lam, lam)
-    # index_select copies whole images; images[perm] (advanced indexing) is several times slower on CPUs.
-    mixed = torch.lerp(images.index_select(0, perm), images, keep.to(images.dtype))
+    # lerp_ into the partners' copy: torch.lerp(partners, images, keep) without another batch-sized
+    # buffer. index_select copies whole images; images[perm] is several times slower on CPUs.
+    mixed = images.index_select(0, perm).lerp_(images, keep.to(images.dtype))
     targets = lam * targets + (1.0 - lam) * targets[perm]
     return mixed, targets, {"kind": kind, "lam": lam, "perm": perm}
 

@@ -143,28 +143,33 @@ class TrainAugment:
                 f"augment.crop_padding must be smaller than the image side {min(h, w)}; got {cfg.crop_padding}"
             )
         flip_mask = self._flip_mask(images_uint8, generator, epoch)
-        # Crop and flip only move bytes: one gather on uint8, a quarter of the traffic of float,
-        # with the same result as running them after the conversion.
-        if cfg.crop_padding > 0:
-            shifts = geometric.random_shifts(n, cfg.crop_padding, generator)
+        # Crop and flip only move bytes: one gather on uint8 (a quarter of the traffic of float, the
+        # same result as after the conversion), which also turns the loaders' channels_last bytes
+        # into NCHW, the layout where resampling and the colour matmul run fastest.
+        if cfg.crop_padding > 0 or flip_mask is not None:
+            if cfg.crop_padding > 0:
+                shifts = geometric.random_shifts(n, cfg.crop_padding, generator)
+            else:
+                shifts = torch.zeros(n, 2, dtype=torch.long, device=images_uint8.device)
             images_uint8 = geometric.translate(images_uint8, shifts, cfg.crop_padding, flip_mask)
-        elif flip_mask is not None:
-            images_uint8 = geometric.flip(images_uint8, flip_mask)
+        images_uint8 = images_uint8.contiguous()
 
-        # Loaders give channels_last bytes; resampling and the colour matmul run fastest on NCHW.
-        images = color.to_float01(images_uint8).contiguous()
-        images = self._warp(images, generator)
-        factors = color.random_jitter_factors(
-            n, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator
-        )
-        images = color.color_jitter(images, *factors)
-        if cfg.cutout_size > 0:
-            images = geometric.random_cutout(images, cfg.cutout_size, generator)
-
-        device = images.device
+        device = images_uint8.device
         if device not in self._stats:
             self._stats[device] = color.channel_stats(device)
-        images = color.normalize(images, *self._stats[device])
+        mean, std = self._stats[device]
+        jittering = any(s > 0 for s in (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
+        # With jitter, the division by 255 joins the jitter's and the normalisation's affine map.
+        images = images_uint8.to(torch.float32) if jittering else color.to_float01(images_uint8)
+        images = self._warp(images, generator)
+        factors = color.random_jitter_factors(n, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator)
+        if jittering:
+            images = color.jitter_and_normalize(images, factors, mean, std, input_max=255.0)
+        else:
+            images = color.normalize(images, mean, std)
+        if cfg.cutout_size > 0:
+            black = color.normalize(torch.zeros_like(mean), mean, std)  # cutout fills with black, normalised
+            images = geometric.random_cutout(images, cfg.cutout_size, generator, fill=black)
         images, targets, _ = mix.mix_batch(
             images, labels, self.num_classes,
             cfg.mixup_prob, cfg.cutmix_prob, cfg.mixup_alpha, cfg.cutmix_alpha, generator,

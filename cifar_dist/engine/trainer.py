@@ -469,15 +469,13 @@ class Trainer:
             while self.epoch < self.cfg.train.epochs:
                 outcome, sums = self.train_epoch()
                 if outcome == "signal":
-                    self.log(f"stopped by signal; state saved to {self.run_dir / checkpoint.LAST}; "
-                             f"exit code {EXIT_PREEMPTED}: run again to resume")
-                    return EXIT_PREEMPTED
+                    return self._preempted()
                 if outcome == "max_steps":
                     self.log(f"reached train.max_steps={self.cfg.train.max_steps}; state saved")
                     return 0
                 self.end_epoch(sums)
                 if self._agree(False)[1]:  # a signal that came during evaluation
-                    return EXIT_PREEMPTED
+                    return self._preempted()
                 if self.cfg.train.max_steps and self.global_step >= self.cfg.train.max_steps:
                     return 0
             self._final_report()
@@ -489,6 +487,12 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()
+
+    def _preempted(self) -> int:
+        how = "run the same command again" if self.cfg.run.dir else f"add run.dir={self.run_dir} to the command"
+        self.log(f"stopped by signal; state saved to {self.run_dir / checkpoint.LAST}; exit code "
+                 f"{EXIT_PREEMPTED}. To resume, {how} (a torchrun restart or Slurm requeue finds it by itself)")
+        return EXIT_PREEMPTED
 
     def _final_report(self) -> None:
         results = getattr(self, "last_results", None)
