@@ -11,10 +11,12 @@ perspective: the AugmentConfig defaults), then mixup/cutmix.
 Each loader runs `--warmup-batches` untimed batches first: they hold the one-off costs, FFCV's
 numba compilation (~10 s in a fresh process) and the DataLoader's worker start-up. Then at least
 `--images` images are timed (CUDA synchronised at both ends). With `--repeats R` every loader is
-timed R times, round-robin, and the median window is reported.
+timed R times, round-robin, and the median window is reported (the upper one for even R): on a
+shared machine one window can catch someone else's burst.
 
     python benchmarks/loader_throughput.py --data-root DIR [--beton-dir DIR] [--batch-size 512]
         [--images N] [--device cpu|cuda] [--loaders torchvision,ffcv,gpu] [--csv PATH] [--quick]
+        [--repeats R] [--threads T]
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,26 +51,30 @@ CSV_FIELDS = ("timestamp", "loader", "images", "seconds", "images_per_s", "ratio
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", default=os.environ.get("CIFAR_DIST_DATA"),
-                        help="folder holding cifar-10-batches-py (default: $CIFAR_DIST_DATA)")
-    parser.add_argument("--beton-dir", default="", help="where the betons are or go (default: <data-root>/beton)")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--images", type=int, default=20_000, help="images timed per loader (at least)")
-    parser.add_argument("--quick", action="store_true", help=f"time {QUICK_IMAGES} images per loader (for CI)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--loaders", default=",".join(LOADERS), help="comma-separated subset of " + ", ".join(LOADERS))
-    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="results file, rewritten by each run")
-    parser.add_argument("--num-workers", type=int, default=2, help="data.num_workers for torchvision and ffcv")
-    parser.add_argument("--warmup-batches", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="timed windows per loader; the median is reported")
-    parser.add_argument("--seed", type=int, default=0)
+    add = parser.add_argument
+    add("--data-root", default=os.environ.get("CIFAR_DIST_DATA"),
+        help="folder holding cifar-10-batches-py (default: $CIFAR_DIST_DATA)")
+    add("--beton-dir", default="", help="where the betons are, or are written (default: <data-root>/beton)")
+    add("--batch-size", type=int, default=512)
+    add("--images", type=int, default=20_000, help="images timed per loader (at least)")
+    add("--quick", action="store_true", help=f"time {QUICK_IMAGES} images per loader (for CI)")
+    add("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--loaders", default=",".join(LOADERS), help=f"comma-separated subset of {', '.join(LOADERS)}")
+    add("--csv", type=Path, default=DEFAULT_CSV, help="results file, rewritten by each run")
+    add("--num-workers", type=int, default=2, help="data.num_workers for torchvision and ffcv")
+    add("--warmup-batches", type=int, default=2)
+    add("--repeats", type=int, default=1, help="timed windows per loader; the median one is reported")
+    add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    add("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.data_root:
-        parser.error("no data: pass --data-root DIR or set CIFAR_DIST_DATA to a folder holding cifar-10-batches-py")
+        parser.error("no data: pass --data-root DIR or set CIFAR_DIST_DATA to a folder holding "
+                     "cifar-10-batches-py")
     args.loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
     unknown = sorted(set(args.loaders) - set(LOADERS))
     if unknown or not args.loaders:
-        parser.error(f"--loaders takes a comma-separated subset of {', '.join(LOADERS)}; got {unknown or 'nothing'}")
+        parser.error(f"--loaders takes a comma-separated subset of {', '.join(LOADERS)}; "
+                     f"got {', '.join(unknown) or 'nothing'}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device; use --device cpu")
     if min(args.batch_size, args.images, args.repeats) < 1 or args.warmup_batches < 0:
@@ -97,20 +102,10 @@ def benchmark_config(args: argparse.Namespace) -> Config:
                               f"data.num_workers={args.num_workers}", "data.download=false"])
 
 
-def ensure_betons(cfg: Config) -> None:
-    """Write the betons unless they are there and up to date (prepare is idempotent)."""
-    beton_dir = cfg.data.beton_path()
-    try:
-        prepare(cfg.data, log=lambda message: print(f"[prepare] {message}", flush=True))
-    except PermissionError as err:
-        raise DataError(f"cannot write the betons to {beton_dir} ({err.strerror}); "
-                        "pass --beton-dir with a writable folder") from None
-
-
 def build_path(name: str, cfg: Config, args: argparse.Namespace, device: torch.device):
     """(loader, augment) for one path; the torchvision loader applies the PIL transforms itself."""
-    loader = build_loader(dataclasses.replace(cfg.data, loader=name), "train", args.batch_size, train=True, seed=args.seed, device=device,
-                          augment=cfg.augment)
+    loader = build_loader(dataclasses.replace(cfg.data, loader=name), "train", args.batch_size, train=True,
+                          seed=args.seed, device=device, augment=cfg.augment)
     augment_cfg = on_device_remainder(cfg.augment) if getattr(loader, "host_augmented", False) else cfg.augment
     return loader, TrainAugment(augment_cfg, cfg.model.num_classes, channels_last=True, seed=args.seed)
 
@@ -176,12 +171,14 @@ def write_csv_atomically(path: Path, rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     machine = hardware(device)
     cfg = benchmark_config(args)
     try:
-        if "ffcv" in args.loaders:
-            ensure_betons(cfg)
+        if "ffcv" in args.loaders:  # prepare is idempotent: it writes only what is missing or stale
+            prepare(cfg.data, log=lambda message: print(f"[prepare] {message}", flush=True))
         paths = {name: build_path(name, cfg, args, device) for name in args.loaders}
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -200,7 +197,8 @@ def main(argv=None) -> int:
         images, seconds = sorted(timed, key=lambda window: window[0] / window[1])[len(timed) // 2]
         rows.append({"timestamp": timestamp, "loader": name, "images": images, "seconds": round(seconds, 4),
                      "images_per_s": round(images / seconds, 1), "batch_size": args.batch_size,
-                     "repeats": args.repeats, "device": str(device), "num_workers": args.num_workers, **machine})
+                     "repeats": args.repeats, "device": str(device), "num_workers": args.num_workers,
+                     **machine})
     baseline = next((row["images_per_s"] for row in rows if row["loader"] == BASELINE), None)
     for row in rows:
         row["ratio_vs_torchvision"] = round(row["images_per_s"] / baseline, 2) if baseline else ""

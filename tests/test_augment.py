@@ -1,5 +1,6 @@
 """Batched augmentation ops against independent references (torch slicing, torchvision), rates
 within binomial bounds, mixing arithmetic, and reproducibility of the whole pipeline."""
+import colorsys
 import dataclasses
 import math
 
@@ -71,6 +72,9 @@ def test_translate_equals_slice_of_reflect_padded_image():
     as_bytes = (images * 255).to(torch.uint8)
     expected = geometric.flip(geometric.translate(as_bytes, shifts, p), mask)
     assert torch.equal(geometric.translate(as_bytes, shifts, p, mask), expected)
+    channels_last = as_bytes.contiguous(memory_format=torch.channels_last)  # as the loaders give it
+    moved = geometric.translate(channels_last, shifts, p, mask)
+    assert torch.equal(moved, expected) and moved.is_contiguous()
 
 
 def test_random_shifts_cover_the_range_and_pipeline_crops_land_on_them():
@@ -204,20 +208,64 @@ def test_saturation_zero_is_torchvision_grayscale_and_others_match():
     assert (out_c[0] - TF.adjust_contrast(images[0], 1.7)).abs().max() > 0.05
 
 
-def test_hue_shift_matches_torchvision():
+def gray_axis_rotation(shift: float) -> torch.Tensor:
+    """exp(θ·[k]×), k = (1, 1, 1)/√3, θ = 2π·shift: the hue rotation built independently, in float64."""
+    k = 1 / math.sqrt(3)
+    cross = torch.tensor([[0.0, -k, k], [k, 0.0, -k], [-k, k, 0.0]], dtype=torch.float64)
+    return torch.linalg.matrix_exp(2 * math.pi * shift * cross).float()
+
+
+def rotate_colours(image: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ij,jhw->ihw", matrix, image)
+
+
+def test_hue_is_a_rotation_about_the_gray_axis():
     images = float_images(6, seed=4)
-    images[0, :, :8, :8] = 0.5  # gray: hue undefined, must stay gray
-    images[1, 1] = images[1, 0]  # ties between channels
-    images[2, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # a pure primary
+    images[0, :, :8, :8] = 0.5  # gray: must stay gray
     shifts = torch.tensor([-0.5, -0.1, 0.0, 0.05, 0.25, 0.5])
     out = color.adjust_hue(images, shifts)
     for i, shift in enumerate(shifts.tolist()):
-        assert torch.allclose(out[i], TF.adjust_hue(images[i], shift), atol=1e-5), shift
-    assert (out[1] - TF.adjust_hue(images[1], 0.1)).abs().max() > 0.05
+        expected = rotate_colours(images[i], gray_axis_rotation(shift)).clamp(0, 1)
+        assert torch.allclose(out[i], expected, atol=1e-5), shift
+    assert torch.allclose(out[0, :, :8, :8], images[0, :, :8, :8], atol=1e-6)
+    assert torch.allclose(out[2], images[2], atol=1e-6)
+    wrong_way = rotate_colours(images[1], gray_axis_rotation(0.1)).clamp(0, 1)
+    assert (out[1] - wrong_way).abs().max() > 0.05
 
 
-def test_color_jitter_equals_torchvision_steps_in_fixed_order():
-    images = float_images(3, seed=5)
+def test_hue_third_turns_cycle_channels_exactly_like_torchvision():
+    images = float_images(2, seed=6)
+    for shift, roll in ((1 / 3, 1), (-1 / 3, -1)):  # a positive shift takes red to green
+        out = color.adjust_hue(images, torch.full((2,), shift))
+        assert torch.allclose(out, images.roll(roll, dims=1), atol=1e-5), shift
+        for i in range(2):
+            assert torch.allclose(out[i], TF.adjust_hue(images[i], shift), atol=1e-5), shift
+
+
+def hsv_hue_and_chroma(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel HSV hue (turns, by colorsys) and chroma (max − min)."""
+    pixels = images.permute(0, 2, 3, 1).reshape(-1, 3)
+    hues = torch.tensor([colorsys.rgb_to_hsv(*pixel)[0] for pixel in pixels.tolist()])
+    return hues, pixels.amax(1) - pixels.amin(1)
+
+
+def test_hue_follows_torchvision_hsv_shift_within_the_documented_tolerance():
+    # The rotation is linear, HSV's shift is not: they agree on the hue angle, not channel by channel.
+    images = float_images(32, seed=7)
+    shifts = torch.linspace(-0.1, 0.1, 32)
+    out = color.adjust_hue(images, shifts)
+    reference = torch.stack([TF.adjust_hue(images[i], shift) for i, shift in enumerate(shifts.tolist())])
+    (hue_out, _), (hue_ref, chroma_ref) = hsv_hue_and_chroma(out), hsv_hue_and_chroma(reference)
+    coloured = chroma_ref > 0.1  # hue is ill-defined near gray
+    hue_error = ((hue_out - hue_ref + 0.5) % 1 - 0.5).abs()[coloured]
+    assert hue_error.mean() < 0.01 and hue_error.max() < 0.05  # turns; the shifts reach 0.1
+    opposite = torch.stack([TF.adjust_hue(images[i], -shift) for i, shift in enumerate(shifts.tolist())])
+    assert (out - reference).abs().mean() < 0.5 * (out - opposite).abs().mean()
+
+
+def test_color_jitter_is_torchvision_steps_in_fixed_order_then_a_gray_axis_rotation():
+    # Pixels in [0.3, 0.7] and mild factors: no intermediate clamp binds, so dropping them is exact.
+    images = 0.3 + 0.4 * float_images(3, seed=5)
     b, c = torch.tensor([0.8, 1.1, 1.2]), torch.tensor([1.2, 0.9, 0.8])
     s, h = torch.tensor([0.85, 1.15, 1.0]), torch.tensor([0.1, -0.05, 0.0])
     out = color.color_jitter(images, b, c, s, h)
@@ -225,7 +273,34 @@ def test_color_jitter_equals_torchvision_steps_in_fixed_order():
         x = TF.adjust_brightness(images[i], b[i].item())
         x = TF.adjust_contrast(x, c[i].item())
         x = TF.adjust_saturation(x, s[i].item())
-        assert torch.allclose(out[i], TF.adjust_hue(x, h[i].item()), atol=1e-5)
+        expected = rotate_colours(x, gray_axis_rotation(h[i].item())).clamp(0, 1)
+        assert torch.allclose(out[i], expected, atol=1e-5), i
+    hue_first = rotate_colours(TF.adjust_brightness(images[0], 0.8), gray_axis_rotation(0.1)).clamp(0, 1)
+    other_order = TF.adjust_saturation(TF.adjust_contrast(hue_first, 1.2), 0.85)
+    assert (out[0] - other_order).abs().max() > 1e-3
+
+
+def test_color_jitter_clamps_once_at_the_end():
+    images = float_images(2, seed=8)
+    b, c = torch.tensor([1.6, 1.6]), torch.tensor([1.3, 1.3])
+    out = color.color_jitter(images, b, c)
+    x = images * b.view(-1, 1, 1, 1)  # unclamped brightness, then contrast with its mean luma
+    mean_luma = TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    c = c.view(-1, 1, 1, 1)
+    assert torch.allclose(out, (c * x + (1 - c) * mean_luma).clamp(0, 1), atol=1e-5)
+    per_step = torch.stack([TF.adjust_contrast(TF.adjust_brightness(images[i], 1.6), 1.3) for i in range(2)])
+    assert (out - per_step).abs().max() > 0.02  # torchvision clips between the steps
+
+
+def test_jitter_and_normalize_is_jitter_then_normalize_in_one_pass():
+    images_uint8 = uint8_images(16, seed=9)
+    b, c, s, h = color.random_jitter_factors(16, 0.8, 0.8, 0.8, 0.3, cpu_generator(2))
+    mean, std = color.channel_stats("cpu")
+    out = color.jitter_and_normalize(images_uint8.float(), (b, c, s, h), mean, std)
+    expected = color.normalize(color.color_jitter(color.to_float01(images_uint8), b, c, s, h))
+    assert torch.allclose(out, expected, atol=1e-5)
+    low, high = (0 - mean) / std, (1 - mean) / std
+    assert ((out >= low) & (out <= high)).all() and (out == low).any() and (out == high).any()
 
 
 def test_jitter_factor_ranges():
@@ -423,6 +498,17 @@ def test_alternating_flip_alternates_per_image_across_epochs():
     other_augment = TrainAugment(only(flip="alternating"), seed=1)
     other_seed = other_augment(images, labels, make_generator(0, 0, 0, 0, "cpu"), 0)[0]
     assert not torch.equal(_flip_states(other_seed, images), states[0])
+
+
+def test_cutout_in_pipeline_fills_a_clipped_square_with_normalised_black():
+    images = uint8_images(32) | 1  # no black pixels to begin with
+    labels = torch.zeros(32, dtype=torch.long)
+    out, _ = TrainAugment(only(cutout_size=8))(images, labels, make_generator(0, 0, 0, 0, "cpu"))
+    plain, black = EvalTransform()(images), EvalTransform()(torch.zeros_like(images[:1]))
+    changed = (out != plain).any(1)
+    assert torch.equal(changed, (out == black).all(1))
+    sizes = changed.flatten(1).sum(1)
+    assert sizes.max() == 64 and sizes.min() >= 16 and (sizes < 64).any()  # some squares clipped
 
 
 def test_perspective_alone_leaves_unselected_samples_exact():

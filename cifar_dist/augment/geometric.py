@@ -208,7 +208,9 @@ def random_perspective_points(
     return startpoints, endpoints, applied
 
 
-def cutout(images: torch.Tensor, centres_xy: torch.Tensor, size: int, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
+def cutout(
+    images: torch.Tensor, centres_xy: torch.Tensor, size: int, fill: float | torch.Tensor = 0.0
+) -> torch.Tensor:
     """Fill a size×size square per image, starting at centre − size//2, clipped at the border.
 
     fill: a number, or a tensor broadcastable to (N, C, 1, 1) (e.g. the normalised image of black).

@@ -1,8 +1,10 @@
 """The augmentation stage of the batch path: uint8 batch on device → normalised float + soft targets.
 
-Order: translate (random crop, reflect fill) and flip, exact byte moves done on uint8; to float
-in [0, 1]; rotate and perspective (one resampling, zero fill); colour jitter; cutout; normalise;
-mixup or cutmix; channels_last.
+Order: translate (random crop, reflect fill) and flip, exact byte moves done on uint8 in one
+gather; to float; rotate and perspective (one resampling, zero fill); colour jitter and
+normalisation (one affine map per image, see `color`); cutout (normalised black); mixup or
+cutmix; channels_last. The whole batch goes through each step at once; the slow steps on a CPU
+are the resampling and the memory traffic, so the path keeps few batch-sized buffers.
 Every random draw comes from one generator made by `make_generator(seed, rank, epoch, step)`,
 in a fixed order, so a (seed, rank, epoch, step) tuple gives bitwise the same batch.
 An op whose strength is 0 in the config is skipped, not run at strength 0.
@@ -158,11 +160,14 @@ class TrainAugment:
         if device not in self._stats:
             self._stats[device] = color.channel_stats(device)
         mean, std = self._stats[device]
-        jittering = any(s > 0 for s in (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
-        # With jitter, the division by 255 joins the jitter's and the normalisation's affine map.
+        jittering = any(strength > 0 for strength in (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
+        # With jitter, the division by 255 joins the jitter's and the normalisation's affine map;
+        # without, conversion and normalisation are EvalTransform's, bit for bit.
         images = images_uint8.to(torch.float32) if jittering else color.to_float01(images_uint8)
         images = self._warp(images, generator)
-        factors = color.random_jitter_factors(n, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator)
+        factors = color.random_jitter_factors(
+            n, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, generator
+        )
         if jittering:
             images = color.jitter_and_normalize(images, factors, mean, std, input_max=255.0)
         else:

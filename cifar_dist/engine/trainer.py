@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import cifar_dist
 from cifar_dist.augment.mix import soft_target_cross_entropy
-from cifar_dist.augment.pipeline import EvalTransform, TrainAugment, make_generator
+from cifar_dist.augment.pipeline import EvalTransform, TrainAugment, make_generator, on_device_remainder
 from cifar_dist.config import Config, ConfigError, config_to_dict
 from cifar_dist.data.cifar import CLASS_NAMES
 from cifar_dist.data.loaders import build_loader
@@ -156,10 +156,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * tc.epochs
         augment_cfg = cfg.augment
         if getattr(self.train_loader, "host_augmented", False):  # torchvision baseline: PIL did it already
-            from dataclasses import replace
-            augment_cfg = replace(cfg.augment, crop_padding=0, flip="none", rotate_degrees=0.0,
-                                  perspective_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0,
-                                  hue=0.0, cutout_size=0)
+            augment_cfg = on_device_remainder(cfg.augment)
         self.augment = TrainAugment(augment_cfg, cfg.model.num_classes, tc.channels_last, seed=tc.seed)
         self.eval_transform = EvalTransform(tc.channels_last)
         self.amp_dtype = amp_dtype(tc.amp, tc.amp_dtype, self.device)
