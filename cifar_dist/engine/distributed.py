@@ -63,8 +63,13 @@ def init_distributed(device_preference: str = "auto", timeout_min: float = 30.0)
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=timeout_min),
+        timeout = timedelta(minutes=timeout_min)
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        # After a torchrun restart the store can still hold the dead round's addresses; keys of
+        # our own per attempt keep the new group from dialling them.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"cifar_dist/attempt_{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return DistEnv(rank, world_size, local_rank, device)
 
