@@ -241,3 +241,25 @@ def test_unwritable_beton_dir_is_a_clear_error(small_cifar, tmp_path):
     result = run_cli("prepare", f"data.root={small_cifar}", f"data.beton_dir={blocker / 'beton'}", *SMALL)
     assert result.returncode == 2 and "cannot write betons to" in result.stderr
     assert "data.beton_dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_download_checks_the_published_md5(tmp_path, small_cifar, monkeypatch):
+    import hashlib
+
+    from cifar_dist.data import cifar
+
+    source = tmp_path / "mirror" / "cifar-10-python.tar.gz"
+    source.parent.mkdir()
+    with tarfile.open(source, "w:gz") as tar:
+        tar.add(small_cifar / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(cifar, "ARCHIVE_URL", source.as_uri())
+    monkeypatch.setattr(cifar, "ARCHIVE_MD5", "0" * 32)
+    with pytest.raises(DataError, match="downloaded archive has MD5 .* expected 0000"):
+        load_cifar10(tmp_path / "root", download=True, require_full_size=False)
+    assert list((tmp_path / "root").iterdir()) == []  # nothing half-downloaded left behind
+    monkeypatch.setattr(cifar, "ARCHIVE_MD5", hashlib.md5(source.read_bytes()).hexdigest())
+    arrays = load_cifar10(tmp_path / "root", download=True, require_full_size=False)
+    assert len(arrays.y_train) == 500 and (tmp_path / "root" / "cifar-10-python.tar.gz").is_file()
+    monkeypatch.setattr(cifar, "ARCHIVE_URL", (tmp_path / "nowhere.tar.gz").as_uri())
+    with pytest.raises(DataError, match="(?s)CIFAR-10 not found; looked in.*download of .* failed"):
+        load_cifar10(tmp_path / "other", download=True, require_full_size=False)

@@ -96,8 +96,10 @@ def test_resume_after_max_steps_is_bitwise_identical(data_root, uninterrupted, t
     assert [h["val_acc"] for h in history] == [h["val_acc"] for h in reference]
 
 
-def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(data_root, uninterrupted, tmp_path):
-    code, output = start_and_signal([sys.executable, SCRIPT, *tiny_args(data_root, tmp_path)], "epoch 1 step 5/")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_signal_mid_epoch_then_resume_is_bitwise_identical(data_root, uninterrupted, tmp_path, sig):
+    code, output = start_and_signal([sys.executable, SCRIPT, *tiny_args(data_root, tmp_path)], "epoch 1 step 5/",
+                                    sig=sig)
     assert code == EXIT_PREEMPTED, output[-3000:]
     saved = states(tmp_path)
     assert saved["epoch"] == 0 and 5 <= saved["step"] < 14  # mid-epoch, right after the signal
