@@ -181,6 +181,8 @@ def test_config_errors_are_clear(data_root, tmp_path):
     assert "did you mean 'train.epochs'" in result.stderr
     result = train(tiny_args(data_root, tmp_path, "train.lr=fast"))
     assert result.returncode == 2 and "'train.lr' expects float" in result.stderr
+    result = train(tiny_args(data_root, tmp_path, "model.widths=[8,16]"))
+    assert result.returncode == 2 and "model.widths must be three positive integers" in result.stderr
     result = train(tiny_args(data_root, tmp_path, "train.sync_bn=on"))
     assert result.returncode == 2 and "train.sync_bn=on needs CUDA" in result.stderr
     result = torchrun_train(tiny_args(data_root, tmp_path, "train.global_batch_size=33"))

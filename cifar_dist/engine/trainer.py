@@ -190,7 +190,10 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------------
     def _build_model(self) -> nn.Module:
-        model = build_model(self.cfg.model).to(self.device)
+        try:
+            model = build_model(self.cfg.model).to(self.device)
+        except ValueError as err:  # a model option out of range, named by the builder
+            raise ConfigError(str(err)) from None
         if self.cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if not hasattr(model, "init_from_data"):
