@@ -364,3 +364,18 @@ def test_training_runs_on_every_loader(data_root, tmp_path, loader):
     assert result.returncode == 0, result.stderr[-8000:]
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["val_count"] == 50 and record["global_step"] == 14
+
+
+def test_slurm_environment_forms_the_group(data_root, tmp_path):
+    """Two tasks as srun starts them: SLURM_* variables only, no torchrun variables."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    base.update(SLURM_NTASKS="2", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", OMP_NUM_THREADS="1",
+                MASTER_PORT=str(free_port()), DUMP_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, SCRIPT, *tiny_args(data_root, tmp_path / "run", "train.epochs=1")],
+                              cwd=REPO, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-4000:] + outputs[1][-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]  # ranks 0 and 1
+    assert ranks[0]["model"] == ranks[1]["model"] and ranks[0]["history"][0]["val_count"] == 50
+    assert ["epoch 1 |" in out for out in outputs] == [True, False]  # only rank 0 logs
