@@ -223,10 +223,10 @@ def test_two_ranks_sigterm_resume_bitwise_ema_identical_and_exact_counts(data_ro
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), SCRIPT, *tiny_args(data_root, tmp_path / "i")]
-    code, output = start_and_signal(cmd, "epoch 2 step 3/")
+    code, output = start_and_signal(cmd, "epoch 2 step 1/")  # 13 steps of slack for torchrun to forward it
     assert code != 0, output[-3000:]
     saved = states(tmp_path / "i")
-    assert saved["epoch"] == 1 and 14 + 3 <= saved["step"] < 28, output[-6000:]
+    assert saved["epoch"] == 1 and 14 + 1 <= saved["step"] < 28, output[-6000:]
     result = torchrun_train(tiny_args(data_root, tmp_path / "i"), env={"DUMP_DIR": str(dump_i)})
     assert result.returncode == 0, result.stderr[-8000:]
     assert_bitwise_equal(states(tmp_path / "i"), states(tmp_path / "u"))
