@@ -379,3 +379,18 @@ def test_slurm_environment_forms_the_group(data_root, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]  # ranks 0 and 1
     assert ranks[0]["model"] == ranks[1]["model"] and ranks[0]["history"][0]["val_count"] == 50
     assert ["epoch 1 |" in out for out in outputs] == [True, False]  # only rank 0 logs
+
+
+def test_fp16_with_grad_scaler_resumes_bitwise(data_root, tmp_path):
+    fp16 = ["train.amp=true", "train.amp_dtype=fp16", "train.epochs=1"]
+    whole = train(tiny_args(data_root, tmp_path / "whole", *fp16))
+    assert whole.returncode == 0, whole.stderr[-8000:]
+    first = train(tiny_args(data_root, tmp_path / "split", *fp16, "train.max_steps=6"))
+    assert first.returncode == 0, first.stderr[-8000:]
+    scaler = checkpoint.load(tmp_path / "split" / "last.pt")["scaler"]
+    assert scaler["scale"] == 65536.0 and scaler["_growth_tracker"] == 6  # six finite fp16 steps
+    second = train(tiny_args(data_root, tmp_path / "split", *fp16))
+    assert second.returncode == 0, second.stderr[-8000:]
+    assert_bitwise_equal(states(tmp_path / "split"), states(tmp_path / "whole"))
+    assert checkpoint.load(tmp_path / "whole" / "last.pt")["scaler"] == checkpoint.load(
+        tmp_path / "split" / "last.pt")["scaler"]
