@@ -317,11 +317,16 @@ class Trainer:
         self.signal_received = True
         self.log(f"received {signal.Signals(signum).name}: finishing the step, then writing last.pt")
 
-    def _agree(self, nonfinite: bool) -> tuple[bool, bool, bool]:
-        """(non-finite, stop, checkpoint due) agreed by all ranks, so all take the same branch."""
+    def _agree(self, grad_norm: torch.Tensor | None = None) -> tuple[bool, bool, bool]:
+        """(gradient non-finite, stop, checkpoint due) agreed by all ranks, so all take the same branch.
+
+        One small all-reduce and one host sync per step; the norm's check stays on the device.
+        """
         interval_s = self.cfg.train.checkpoint_interval_min * 60
         due = interval_s > 0 and time.monotonic() - self.last_checkpoint_time > interval_s
-        flags = torch.tensor([nonfinite, self.signal_received, due], dtype=torch.float32, device=self.device)
+        flags = torch.tensor([0.0, self.signal_received, due], dtype=torch.float32, device=self.device)
+        if grad_norm is not None:
+            flags[0] = (~torch.isfinite(grad_norm)).float()
         all_reduce_(flags, op=torch.distributed.ReduceOp.MAX)
         return tuple(bool(f) for f in flags.tolist())
 
@@ -339,7 +344,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = tc.grad_clip_norm if tc.grad_clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        nonfinite, stop, due = self._agree(not bool(torch.isfinite(grad_norm)))
+        nonfinite, stop, due = self._agree(grad_norm)
         if nonfinite:
             if self.scaler:
                 self.scaler.update()  # lowers the scale, as after any fp16 overflow
@@ -474,7 +479,7 @@ class Trainer:
                     self.log(f"reached train.max_steps={self.cfg.train.max_steps}; state saved")
                     return 0
                 self.end_epoch(sums)
-                if self._agree(False)[1]:  # a signal that came during evaluation
+                if self._agree()[1]:  # a signal that came during evaluation
                     return self._preempted()
                 if self.cfg.train.max_steps and self.global_step >= self.cfg.train.max_steps:
                     return 0
