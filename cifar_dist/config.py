@@ -149,8 +149,8 @@ def _coerce(key: str, value, expected_type, raw: str | None):
     """Return value as expected_type, or raise ConfigError naming the key.
 
     raw is the override's text: a string key takes it as written, so `train.sync_bn=on` stays "on"
-    (and `run.name=0123` stays "0123")
-    although YAML reads on/off/yes/no as booleans; in YAML files those words become "on"/"off".
+    and `run.name=0123` stays "0123", although YAML reads them as a boolean and a number; in YAML
+    files, on/off/yes/no become "on"/"off".
     """
     if expected_type is str and raw is not None and not isinstance(value, str):
         return raw.strip()
