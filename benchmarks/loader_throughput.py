@@ -34,11 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cifar_dist.augment.pipeline import TrainAugment, make_generator, on_device_remainder  # noqa: E402
+from cifar_dist.augment.pipeline import make_generator  # noqa: E402
 from cifar_dist.config import Config, load_config  # noqa: E402
 from cifar_dist.data.beton import prepare  # noqa: E402
 from cifar_dist.data.cifar import DataError  # noqa: E402
-from cifar_dist.data.loaders import build_loader  # noqa: E402
+from cifar_dist.engine.build import build_train_input  # noqa: E402
+from cifar_dist.engine.distributed import DistEnv  # noqa: E402
 
 LOADERS = ("torchvision", "ffcv", "gpu")
 BASELINE = "torchvision"
@@ -103,11 +104,10 @@ def benchmark_config(args: argparse.Namespace) -> Config:
 
 
 def build_path(name: str, cfg: Config, args: argparse.Namespace, device: torch.device):
-    """(loader, augment) for one path; the torchvision loader applies the PIL transforms itself."""
-    loader = build_loader(dataclasses.replace(cfg.data, loader=name), "train", args.batch_size, train=True,
-                          seed=args.seed, device=device, augment=cfg.augment)
-    augment_cfg = on_device_remainder(cfg.augment) if getattr(loader, "host_augmented", False) else cfg.augment
-    return loader, TrainAugment(augment_cfg, cfg.model.num_classes, channels_last=True, seed=args.seed)
+    """(loader, augment) for one path, as the trainer builds them (the run assembly)."""
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=name),
+                              train=dataclasses.replace(cfg.train, seed=args.seed))
+    return build_train_input(cfg, DistEnv(device=device), args.batch_size)
 
 
 def batches(loader, start_epoch: int):

@@ -1,4 +1,4 @@
-"""`cifar-dist <command> [--config FILE.yaml] [key.sub=value ...]`."""
+"""`cifar-dist <command> [--config FILE.yaml] [key.sub=value ...]`; `cifar-dist config` lists every key."""
 from __future__ import annotations
 
 import argparse
@@ -8,34 +8,44 @@ from cifar_dist.config import ConfigError, load_config
 from cifar_dist.data.cifar import DataError
 
 EXIT_USER_ERROR = 2
-
-
-class UserError(RuntimeError):
-    """A problem the user can fix (bad option, missing package); printed without a traceback."""
+EXIT_INTERRUPTED = 130
+KEYS_HINT = "Config keys: `cifar-dist config [--config FILE] [key=value ...]` prints them all, resolved, with " \
+            "their descriptions and allowed values."
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (defaults apply to keys it leaves out)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="dotted config overrides, e.g. train.epochs=3 data.loader=gpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cifar-dist", description=__doc__)
+    parser = argparse.ArgumentParser(prog="cifar-dist", description=__doc__, epilog=KEYS_HINT)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    prepare = commands.add_parser("prepare", help="raw CIFAR-10 files → train/val/test .beton + manifest.json")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, epilog=KEYS_HINT)
+
+    _add_common(command("config", "print the resolved config as YAML, each key with its description"))
+    prepare = command("prepare", "raw CIFAR-10 files → train/val/test .beton + manifest.json")
     prepare.add_argument("--force", action="store_true", help="rebuild even when the betons are up to date")
     _add_common(prepare)
-
-    train = commands.add_parser("train", help="train a model (also: torchrun -m cifar_dist.train)")
-    _add_common(train)
-
-    summary = commands.add_parser("model-summary", help="parameters, FLOPs per image and peak memory")
-    summary.add_argument("name", help="model name: attention_resnet, fast or resnet18")
+    _add_common(command("train", "train a model (also: torchrun -m cifar_dist.train; ./launch/train)"))
+    summary = command("model-summary", "the registered models and their options; parameters, FLOPs per image "
+                                       "and peak memory of one")
+    summary.add_argument("name", nargs="?", help="model name (omit to list the registered models)")
     summary.add_argument("--batch-size", type=int, default=128, help="batch size for the memory figure")
     summary.add_argument("--device", default="cpu")
     _add_common(summary)
     return parser
+
+
+def run_config(args) -> int:
+    from cifar_dist.config import config_to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    print(config_to_yaml(cfg), end="")
+    return 0
 
 
 def run_prepare(args) -> int:
@@ -53,24 +63,34 @@ def run_train(args) -> int:
 
 
 def run_model_summary(args) -> int:
+    from cifar_dist.models import MODELS
     from cifar_dist.models.summary import format_summary, summarize
 
+    if args.name is None:
+        cfg = load_config(args.config, args.overrides)
+        for name, entry in MODELS.items():
+            options = ", ".join(f"model.{key}={getattr(cfg.model, key)}" for key in entry.options) or "no options"
+            print(f"{name:<18} {entry.description}\n{'':<18} options: {options}")
+        return 0
     cfg = load_config(args.config, [f"model.name={args.name}", *args.overrides])
     info = summarize(cfg.model, batch_size=args.batch_size, device=args.device)
     print(format_summary(cfg.model, info))
     return 0
 
 
-COMMANDS = {"prepare": run_prepare, "train": run_train, "model-summary": run_model_summary}
+COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "model-summary": run_model_summary}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, UserError) as err:
+    except (ConfigError, DataError) as err:
         print(f"cifar-dist {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"cifar-dist {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Small queries the shell launchers make about a command line's config.
 
-`python -m cifar_dist.launch_info loader [--config FILE] [key=value ...]` prints data.loader, or
-the config error and exit code 2, so a launcher stops before starting any worker.
+`python -m cifar_dist.launch_info loader [--config FILE] [key=value ...]` checks the config as the
+trainer will (keys, model name and options, what the loader supports, wandb credentials) and prints
+data.loader, or the error and exit code 2, so a launcher stops before starting any worker.
 """
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config")
     args, overrides = parser.parse_known_args(argv)
     try:
+        from cifar_dist.engine.build import preflight
+        from cifar_dist.engine.reporting import check_wandb
+
         cfg = load_config(args.config, overrides)
+        preflight(cfg)
+        check_wandb(cfg.logging.wandb)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,17 +1,66 @@
-"""Shared fixtures: the real data folder, small synthetic CIFAR-10 copies, a CLI runner."""
+"""Shared fixtures: the real data folder, small synthetic CIFAR-10 copies, a CLI runner; and the
+check that the suite leaves no process behind."""
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PR_SET_CHILD_SUBREAPER = 36
+LEFTOVER_GRACE_S = 10.0
+
+
+def pytest_configure(config):
+    # Processes orphaned by a test are re-parented to this one instead of init, so the check at the
+    # end of the session sees them (daemons, data-loader workers, torchrun groups, FFCV writers).
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def leftover_processes() -> list[psutil.Process]:
+    """Descendants of this pytest process still running (zombies are reaped, not counted)."""
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    alive = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a test left a process behind; end those processes."""
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while (left := leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    lines = []
+    for proc in left:
+        try:
+            lines.append(f"  pid {proc.pid}: {' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    print("\nerror: the test suite left these processes running (now killed):\n" + "\n".join(lines), file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +133,65 @@ def run_torchrun(nproc: int, module_args: list, cwd=REPO, timeout=600, extra=(),
            "127.0.0.1", "--master-port", str(free_port()), *extra, *map(str, module_args)]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+# --- training runs on a tiny synthetic copy (trainer and launcher tests) -------------------------
+
+SCRIPT = "tests/scripts/train_run.py"
+EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 3, 75, 130  # the README's table, on purpose not imported
+
+
+def tiny_args(data_root: Path, run_dir: Path, *extra) -> list[str]:
+    """Smoke config on the small synthetic copy: 450 train images, 14 steps of 32 per epoch."""
+    return ["--config", str(REPO / "configs/smoke.yaml"), f"data.root={data_root}", "data.require_full_size=false",
+            f"run.dir={run_dir}", "model.widths=[8,16,16]", "train.global_batch_size=32", "train.epochs=2",
+            "train.deterministic=true", "logging.print_every_steps=1", *extra]
+
+
+def train(args: list[str], env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def torchrun_train(args: list[str], env=None, extra=()) -> subprocess.CompletedProcess:
+    return run_torchrun(2, [SCRIPT, *args], env=env, extra=extra)
+
+
+def states(run_dir: Path, name: str = "last.pt") -> dict:
+    from cifar_dist.engine import checkpoint
+
+    state = checkpoint.load(run_dir / name)
+    return {"model": state["model"], "ema": state["ema"]["module"], "step": state["progress"]["global_step"],
+            "epoch": state["progress"]["epoch"]}
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    import torch
+
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+
+
+def start_and_signal(cmd: list[str], after_line: str, sig=signal.SIGTERM, env=None) -> tuple[int, str]:
+    """Start cmd, send sig once a stdout line contains after_line; (exit code, all output)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if after_line in line:
+            proc.send_signal(sig)
+            break
+    lines.extend(proc.stdout)
+    return proc.wait(timeout=600), "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """500 train / 100 test synthetic images in the official layout (450 train, 50 val after the split)."""
+    root = tmp_path_factory.mktemp("trainer") / "data"
+    write_batches_folder(root, id_images(500), balanced_labels(500), id_images(100, seed=1), balanced_labels(100))
+    return root

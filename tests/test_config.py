@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from cifar_dist.config import ConfigError, config_from_dict, config_to_dict, load_config
+import yaml
+
+from cifar_dist.config import ConfigError, config_from_dict, config_to_dict, config_to_yaml, iter_keys, load_config
+from cifar_dist.engine.build import preflight
 from conftest import run_cli
 
 
@@ -26,10 +29,13 @@ def test_string_keys_keep_yaml_words_and_quotes():
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=3", "unknown config key 'train.epoch'.*did you mean 'train.epochs'"),
     ("trian.epochs=3", "unknown config key 'trian'"),
-    ("train.epochs=3.5", "'train.epochs' expects int, got 3.5"),
+    ("train.global_batch_size=3.5", "'train.global_batch_size' expects int, got 3.5"),
+    ("train.tta=3", "'train.tta' must be one of 0, 1, 2"),
+    ("train.lr_units=per_image", "'train.lr_units' must be one of torch, decoupled_per_1024"),
+    ("train.lr_peak_fraction=1", "'train.lr_peak_fraction' must be in \\(0, 1\\)"),
+    ("train.epochs=0", "'train.epochs' must be > 0"),
     ("train.amp=maybe", "'train.amp' expects bool"),
     ("data.loader=dali", "'data.loader' must be one of ffcv, gpu, torchvision"),
-    ("model.name=vgg", "'model.name' must be one of attention_resnet, fast, resnet18"),
     ("augment.mixup_prob=0.8", "mixup_prob \\+ augment.cutmix_prob must be at most 1"),
     ("data.val_fraction=1.5", "'data.val_fraction' must be in \\[0, 1\\)"),
     ("train.lr", "not of the form key.sub=value"),
@@ -70,3 +76,40 @@ def test_model_summary_command():
     assert "4,913,705" in result.stdout
     result = run_cli("model-summary", "resnet18", "model.num_classes=100", "--batch-size", "2")
     assert result.returncode == 0 and "11,220,132" in result.stdout  # 11,173,962 + 90 * 513
+
+
+def test_model_name_and_options_are_checked_against_the_registry():
+    cfg = load_config(None, ["model.name=vgg"])  # config.py knows no models
+    with pytest.raises(ConfigError, match="'model.name' must be one of attention_resnet, fast, resnet18"):
+        preflight(cfg)
+    with pytest.raises(ConfigError, match="model.width must be at least 1"):
+        preflight(load_config(None, ["model.width=0"]))
+    with pytest.raises(ConfigError, match="augment.flip=alternating is not available with data.loader=torchvision"):
+        preflight(load_config(None, ["augment.flip=alternating", "data.loader=torchvision"]))
+    preflight(load_config("configs/fast.yaml"))
+
+
+def test_every_key_is_documented_and_the_yaml_round_trips(tmp_path):
+    cfg = load_config("configs/fast.yaml", ["train.sync_bn=off", "run.name=0123", "logging.wandb.tags=[a, b]"])
+    keys = list(iter_keys(cfg))
+    assert len(keys) > 70 and all(f.metadata["help"] for _, _, f in keys)
+    text = config_to_yaml(cfg, header="first line\nsecond")
+    assert text.startswith("# first line\n# second\n")
+    assert "  flip: alternating  # " in text and "[random | alternating | none]" in text
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert load_config(path) == cfg
+    assert yaml.safe_load(text)["train"]["sync_bn"] == "off"  # quoted, not YAML's boolean
+
+
+def test_config_command_prints_resolved_keys_and_help_points_to_it():
+    result = run_cli("config", "--config", "configs/fast.yaml", "train.epochs=3")
+    assert result.returncode == 0, result.stderr
+    parsed = yaml.safe_load(result.stdout)
+    assert parsed["train"]["epochs"] == 3.0 and parsed["model"]["name"] == "fast"
+    assert "# registered model" in result.stdout
+    for command in ("train", "prepare", "config"):
+        help_text = run_cli(command, "--help").stdout
+        assert "cifar-dist config" in help_text, command
+    bad = run_cli("config", "train.epohcs=3")
+    assert bad.returncode == 2 and "did you mean 'train.epochs'" in bad.stderr

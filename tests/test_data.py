@@ -20,7 +20,7 @@ from cifar_dist.data.beton import checked_beton
 from cifar_dist.data.cifar import DataError, load_cifar10, read_unlabeled
 from cifar_dist.data.loaders import build_loader
 from cifar_dist.data.splits import stratified_split
-from conftest import REPO, balanced_labels, id_images, run_cli, write_batches_folder
+from conftest import REPO, balanced_labels, id_images, leftover_processes, run_cli, write_batches_folder
 
 SMALL = ["data.require_full_size=false", "data.num_workers=1"]
 
@@ -153,6 +153,10 @@ def test_prepare_killed_on_fresh_folder_leaves_nothing_readable(tmp_path, real_d
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10  # FFCV's writer workers die with prepare (they were orphaned before)
+    while leftover_processes() and time.time() < deadline:
+        time.sleep(0.2)
+    assert leftover_processes() == []
     assert not (beton_dir / "manifest.json").exists()
     assert not (beton_dir / "train.beton").exists()
     cfg = load_config(None, [f"data.root={real_data_root}", f"data.beton_dir={beton_dir}"])

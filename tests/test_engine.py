@@ -1,59 +1,149 @@
-"""Engine pieces on their own: EMA, LR schedule, weight-decay groups, TTA, checkpoint keys."""
+"""Engine pieces on their own: EMA, optimizer groups and rates, LR schedules, TTA, evaluation, collectives."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from cifar_dist.engine.ema import EMA
-from cifar_dist.engine.evaluation import evaluate, tta_logits
-from cifar_dist.engine.trainer import lr_factor, parameter_groups, per_rank_batch_size, resolve_sync_bn
-from cifar_dist.config import ConfigError
+from cifar_dist.config import ConfigError, load_config
+from cifar_dist.engine.build import per_rank_batch_size, resolve_sync_bn
+from cifar_dist.engine.ema import EMA, NoEMA
+from cifar_dist.engine.evaluation import evaluate, tta_logits, tta_views
+from cifar_dist.engine.optim import build_optimizer, lr_factor, parameter_groups, sgd_rates
+from cifar_dist.models import build_model
+from conftest import REPO, run_torchrun
 
 
 def small_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
 
 
-def test_ema_warmup_every_and_lookahead():
+def scalar_model(value: float) -> nn.Linear:
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema = EMA(model, decay=0.9, every=2, warmup_steps=4)
+        model.weight.fill_(value)
+    return model
+
+
+def set_weight(model: nn.Module, value: float) -> None:
     with torch.no_grad():
-        model.weight.fill_(3.0)
+        model.weight.fill_(value)
+
+
+# --- EMA ---------------------------------------------------------------------------------------
+
+def test_ema_every_and_decay_per_step():
+    model = scalar_model(1.0)
+    ema = EMA(model, decay=0.9, every=2)
+    set_weight(model, 3.0)
     ema.update(model, step=1)  # not a multiple of every: no update
-    assert ema.module.weight.item() == 1.0 and ema.num_updates == 0
-    ema.update(model, step=2)  # warm-up: decay 0 at the first update, so the EMA copies the model
-    assert ema.module.weight.item() == 3.0
-    with torch.no_grad():
-        model.weight.fill_(7.0)
-    ema.update(model, step=4)  # decay min(0.9, 1/4)=0.25, applied as 0.25**2 over the two steps
-    assert ema.module.weight.item() == pytest.approx(0.25**2 * 3 + (1 - 0.25**2) * 7)
-    lookahead = EMA(model, decay=0.5, lookahead=True)
-    with torch.no_grad():
-        model.weight.fill_(9.0)
-    lookahead.update(model, step=1)
-    assert model.weight.item() == lookahead.module.weight.item() == pytest.approx(8.0)
+    assert ema.module.weight.item() == 1.0
+    ema.update(model, step=2)  # decay 0.9 per step, applied as 0.9**2 over the two steps
+    assert ema.module.weight.item() == pytest.approx(0.81 * 1 + 0.19 * 3)
+    assert model.weight.item() == 3.0  # no lookahead: the model is left alone
+
+
+def test_ema_cubic_ramp_start_and_lookahead_follow_airbench():
+    total = 100
+    model = scalar_model(0.0)
+    ema = EMA(model, decay=0.95, every=5, ramp="cubic", start_step=10, total_steps=total, lookahead=True)
+    assert ema.decay_at(10) == 0.0  # still following the model exactly
+    for step in (15, 50, 100):  # airbench: alpha_schedule = 0.95**5 * (step / total)**3
+        assert ema.decay_at(step) == pytest.approx(0.95**5 * (step / total) ** 3, rel=1e-12)
+    set_weight(model, 4.0)
+    ema.update(model, step=10)
+    assert ema.module.weight.item() == 4.0 == model.weight.item()
+    set_weight(model, 8.0)
+    ema.update(model, step=50)
+    decay = 0.95**5 * 0.5**3
+    expected = decay * 4.0 + (1 - decay) * 8.0
+    assert ema.module.weight.item() == pytest.approx(expected)
+    assert model.weight.item() == pytest.approx(expected)  # lookahead: copied back into the model
+    set_weight(model, 1.0)
+    ema.finish(model)  # the end of training: the model becomes the average
+    assert model.weight.item() == pytest.approx(expected)
+    plain = EMA(model, decay=0.5)
+    set_weight(model, 2.0)
+    plain.finish(model)
+    assert model.weight.item() == 2.0  # without lookahead finish leaves the model alone
+
+
+def test_no_ema_does_nothing():
+    model = scalar_model(1.0)
+    ema = NoEMA()
+    ema.update(model, 1)
+    ema.finish(model)
+    ema.sync()
+    ema.load_state_dict(ema.state_dict())
+    assert (ema.enabled, ema.module, ema.float_buffers(), model.weight.item()) == (False, None, [], 1.0)
+
+
+# --- optimizer: groups, rates, schedules -----------------------------------------------------
+
+def test_parameter_groups_scale_bias_lr_but_keep_decay_per_step():
+    model = build_model(load_config("configs/fast.yaml", ["model.widths=[8,8,8]"]).model)
+    groups = {g["name"]: g for g in parameter_groups(model, lr=0.5, decay_per_step=0.01, bias_scaler=64.0,
+                                                     decay_norm_and_bias=True)}
+    assert set(groups) == {"weights", "norm_bias", "whiten_bias"}
+    assert groups["whiten_bias"]["params"] == [model.whiten.bias]
+    assert len(groups["norm_bias"]["params"]) == 6  # two BN layers per conv group, weights frozen
+    assert groups["norm_bias"]["lr"] == 32.0 and groups["weights"]["lr"] == 0.5
+    for group in groups.values():  # the decay per step, lr × weight_decay, is the same in every group
+        assert group["lr"] * group["weight_decay"] == pytest.approx(0.01)
+    plain = {g["name"]: g for g in parameter_groups(small_net_built(), 0.1, 0.001, 1.0, False)}
+    assert plain["other"]["weight_decay"] == 0.0 and plain["norm_bias"]["weight_decay"] == 0.0
+    assert plain["weights"]["weight_decay"] == pytest.approx(0.01)
+
+
+def small_net_built() -> nn.Module:
+    net = small_net()
+    net(torch.zeros(1, 3, 5, 5))
+    return net
+
+
+def test_decoupled_rates_are_airbench_conversion():
+    cfg = load_config("configs/fast.yaml").train
+    kilostep_scale = 1024 * (1 + 1 / (1 - 0.85))  # airbench94.py: 1024 * (1 + 1 / (1 - momentum))
+    lr, decay = sgd_rates(cfg, 1024)
+    assert lr == pytest.approx(11.5 / kilostep_scale) and decay == pytest.approx(0.0153 * 1024 / kilostep_scale)
+    mean_cfg = load_config("configs/fast.yaml", ["train.loss_reduction=mean"]).train
+    assert sgd_rates(mean_cfg, 1024)[0] == pytest.approx(lr * 1024)  # the same step for a mean loss
+    torch_cfg = load_config(None, ["train.lr=0.1", "train.weight_decay=5e-4"]).train
+    assert sgd_rates(torch_cfg, 128) == pytest.approx((0.1, 0.1 * 5e-4))
 
 
 def test_lr_schedules():
-    cosine = [lr_factor(s, 100, 10, "cosine", 0.2, 0.0) for s in range(100)]
+    # the record's triangular: 0.2 → 1 at int(0.23 · total), then → 0.07 at the end
+    total = 476
+    tri = [lr_factor(s, total, "triangular", 0, 0.23, 0.2, 0.07) for s in range(total + 1)]
+    peak = int(0.23 * total)
+    assert tri[0] == pytest.approx(0.2) and tri[peak] == pytest.approx(1.0) and tri[total] == pytest.approx(0.07)
+    assert tri[peak // 2] == pytest.approx(0.2 + 0.8 * (peak // 2) / peak)
+    assert max(tri) == tri[peak]
+    cosine = [lr_factor(s, 100, "cosine", 10, 0.2, 0.0, 0.0) for s in range(100)]
     assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0)
     assert cosine[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert all(a >= b for a, b in zip(cosine[9:], cosine[10:]))
-    triangular = [lr_factor(s, 100, 0, "triangular", 0.2, 0.0) for s in range(100)]
-    assert max(triangular) == triangular[19] == 1.0 and triangular[99] == pytest.approx(1 / 80)
+    assert lr_factor(50, 100, "cosine", 10, 0.2, 0.0, 0.0, freeze_step=50) == 0.0
 
 
-def test_no_weight_decay_on_bn_and_biases():
-    net = small_net()
-    net(torch.zeros(1, 3, 5, 5))
-    decay, no_decay = parameter_groups(net, 5e-4)
-    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3, 3, 3]), torch.Size([2, 36])]
-    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+def test_whitening_bias_freezes_at_its_epoch():
+    cfg = load_config("configs/fast.yaml", ["model.widths=[8,8,8]"]).train
+    model = build_model(load_config("configs/fast.yaml", ["model.widths=[8,8,8]"]).model)
+    optimizer, scheduler = build_optimizer(model, cfg, 1024, steps_per_epoch=48, total_steps=476)
+    names = [g["name"] for g in optimizer.param_groups]
+    whiten, weights = names.index("whiten_bias"), names.index("weights")
+    lrs = []
+    for _ in range(3 * 48 + 1):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[3 * 48 - 1][whiten] > 0 and lrs[3 * 48][whiten] == 0.0 and lrs[3 * 48][weights] > 0
+    with pytest.raises(ConfigError, match="whiten_bias_epochs applies to models with a whitening layer"):
+        build_optimizer(small_net_built(), cfg, 1024, 48, 476)
 
 
 def test_batch_division_and_sync_bn_rules():
@@ -66,15 +156,41 @@ def test_batch_division_and_sync_bn_rules():
         resolve_sync_bn("on", cpu, 2)
 
 
-def test_tta_weights_sum_to_one_and_use_flips():
-    constant = nn.Conv2d(3, 10, 1)
-    with torch.no_grad():
-        constant.weight.zero_()
-    net = nn.Sequential(constant, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    images = torch.rand(4, 3, 32, 32)
-    torch.testing.assert_close(tta_logits(net, images), net(images))
-    column = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 1))
-    assert not torch.allclose(tta_logits(column, images), column(images))  # views really differ
+# --- TTA ---------------------------------------------------------------------------------------
+
+def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """out[i, j] = in[reflect(i + dy), reflect(j + dx)], by explicit index lists."""
+    size = images.shape[-1]
+
+    def reflect(k: int) -> int:
+        return -k if k < 0 else (2 * (size - 1) - k if k >= size else k)
+
+    rows = [reflect(i + dy) for i in range(size)]
+    cols = [reflect(j + dx) for j in range(size)]
+    return images[:, :, rows][:, :, :, cols]
+
+
+def test_tta_views_and_weights_by_hand():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 5))  # neither flip- nor shift-invariant
+    images = torch.rand(3, 3, 32, 32)
+    mirror = images.flip(-1)
+    up_left, down_right = shifted(images, -1, -1), shifted(images, 1, 1)
+    expected = {
+        0: model(images),
+        1: 0.5 * model(images) + 0.5 * model(mirror),
+        2: 0.25 * model(images) + 0.25 * model(mirror) + 0.125 * (
+            model(up_left) + model(up_left.flip(-1)) + model(down_right) + model(down_right.flip(-1))),
+    }
+    for level, reference in expected.items():
+        views = tta_views(images, level)
+        assert sum(weight for weight, _ in views) == pytest.approx(1.0)
+        torch.testing.assert_close(tta_logits(model, images, level), reference, rtol=1e-5, atol=1e-5)
+    assert [w for w, _ in tta_views(images, 2)] == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for _, v in tta_views(channels_last, 2))
+    with pytest.raises(ValueError, match="TTA level"):
+        tta_views(images, 3)
 
 
 def test_evaluate_counts_and_confusion():
@@ -94,3 +210,32 @@ def test_evaluate_counts_and_confusion():
     assert result["confusion"] == [[2, 1, 1], [0, 1, 0], [0, 0, 1]]
     assert result["per_class_acc"] == pytest.approx([0.5, 1.0, 1.0])
 
+
+# --- collectives with two ranks ------------------------------------------------------------------
+
+def test_average_and_ema_sync_give_the_mean_on_both_ranks(tmp_path):
+    script = tmp_path / "average.py"
+    script.write_text(
+        "import json, os, sys, torch\n"
+        "from torch import nn\n"
+        "from cifar_dist.engine.distributed import average_tensors_, init_distributed, shutdown\n"
+        "from cifar_dist.engine.ema import EMA\n"
+        "env = init_distributed('cpu')\n"
+        "values = [torch.full((3,), float(env.rank + 1)), torch.tensor([10.0 * env.rank]), torch.tensor([7])]\n"
+        "average_tensors_(values)\n"
+        "model = nn.BatchNorm1d(2)\n"
+        "ema = EMA(model, decay=0.5)\n"
+        "with torch.no_grad():\n"
+        "    ema.module.weight.fill_(env.rank * 4.0)\n"
+        "    ema.module.running_mean.fill_(env.rank * 2.0 + 1)\n"
+        "ema.sync()\n"
+        "out = {'values': [v.tolist() for v in values], 'weight': ema.module.weight.tolist(),\n"
+        "       'running_mean': ema.module.running_mean.tolist()}\n"
+        "open(os.path.join(sys.argv[1], f'rank{env.rank}.json'), 'w').write(json.dumps(out))\n"
+        "shutdown()\n")
+    result = run_torchrun(2, [str(script), str(tmp_path)], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in range(2):
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert out["values"] == [[1.5, 1.5, 1.5], [5.0], [7]]  # the integer tensor is left alone
+        assert out["weight"] == [2.0, 2.0] and out["running_mean"] == [2.0, 2.0]

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from cifar_dist.config import LoggingConfig, WandbConfig
-from cifar_dist.engine.logging import RunLogger
+from cifar_dist.engine.reporting import RunLogger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["airplane", "automobile", "bird"]
@@ -289,7 +289,7 @@ def test_wandb_disabled_creates_no_folder_and_never_imports_wandb(tmp_path):
         import sys
         from pathlib import Path
         from cifar_dist.config import ConfigError, LoggingConfig, WandbConfig
-        from cifar_dist.engine.logging import RunLogger
+        from cifar_dist.engine.reporting import RunLogger
 
         logger = RunLogger(Path({str(tmp_path)!r}), LoggingConfig(wandb=WandbConfig(mode="disabled")),
                            enabled=True, config_dict={{}})
@@ -312,7 +312,7 @@ def test_wandb_missing_is_an_actionable_error(tmp_path):
         sys.modules["wandb"] = None  # as if the package were not installed
         from pathlib import Path
         from cifar_dist.config import ConfigError, LoggingConfig, WandbConfig
-        from cifar_dist.engine.logging import RunLogger
+        from cifar_dist.engine.reporting import RunLogger
 
         cfg = LoggingConfig(wandb=WandbConfig(mode="offline"))
         RunLogger(Path({str(tmp_path)!r}) / "rank1", cfg, enabled=False, config_dict={{}})  # no error off rank 0

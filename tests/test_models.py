@@ -1,18 +1,17 @@
-"""Model zoo: parameter counts, memory formats, compile, whitening init, wrapped state dicts, summary."""
+"""Model zoo: the registry, parameter counts, memory formats, compile, whitening init, summary."""
 from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from cifar_dist.config import ModelConfig
-from cifar_dist.models import build_model, init_from_data, unwrap
+from cifar_dist.config import ConfigError
+from cifar_dist.models import MODELS, build_model, model_options
 from cifar_dist.models.summary import format_summary, summarize
 
 MODEL_NAMES = ("attention_resnet", "fast", "resnet18")
@@ -78,14 +77,26 @@ def test_fast_default_count_and_frozen_weights():
 
 
 def test_unknown_model_name_raises_naming_known_models():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigError) as err:
         build_model(ModelConfig(name="vgg16"))
-    assert "vgg16" in str(err.value) and all(name in str(err.value) for name in MODEL_NAMES)
+    assert "'model.name'" in str(err.value) and "vgg16" in str(err.value)
+    assert all(name in str(err.value) for name in MODEL_NAMES)
 
 
 def test_fast_rejects_wrong_number_of_widths():
-    with pytest.raises(ValueError, match="three"):
+    with pytest.raises(ConfigError, match="model.widths must be three"):
         build_model(ModelConfig(name="fast", widths=[64, 256]))
+
+
+def test_registry_declares_each_models_options():
+    assert set(MODELS) >= set(MODEL_NAMES)
+    assert MODELS["fast"].options == ("widths", "bn_momentum", "scale")
+    assert MODELS["attention_resnet"].options == ("width", "dropout")
+    assert MODELS["resnet18"].options == ()
+    # what identifies a model: only its own options, so resnet18 ignores model.width
+    assert model_options(ModelConfig(name="resnet18", width=7)) == {"name": "resnet18", "num_classes": 10}
+    assert model_options(ModelConfig(name="fast", width=7)) == model_options(ModelConfig(name="fast"))
+    assert model_options(ModelConfig(name="fast", widths=[8, 8, 8])) != model_options(ModelConfig(name="fast"))
 
 
 # --- forward: memory formats, autocast, SyncBN ------------------------------------------------
@@ -173,7 +184,7 @@ def load_normalized_batch(batch_name: str, count: int) -> torch.Tensor:
 def whitened_statistics(model: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Max |correlation - I| and the variances of the first 12 whitening channels over all 2x2 patches."""
     with torch.no_grad():
-        outputs = unwrap(model).whiten(x)[:, :12]  # the first half; the second half is its negative
+        outputs = model.whiten(x)[:, :12]  # the first half; the second half is its negative
     outputs = outputs.permute(0, 2, 3, 1).reshape(-1, 12).double().T
     correlation = torch.corrcoef(outputs)
     return (correlation - torch.eye(12, dtype=torch.float64)).abs().max().item(), torch.cov(outputs).diagonal()
@@ -183,7 +194,7 @@ def test_whitening_init_decorrelates_held_out_patches():
     train, held_out = load_normalized_batch("data_batch_1", 5000), load_normalized_batch("data_batch_2", 2000)
     model = build_model(ModelConfig(name="fast"))
     before, _ = whitened_statistics(model, held_out)
-    init_from_data(torch.compile(model), train)  # through a wrapper, as the trainer may call it
+    model.init_from_data(train)
     after, variances = whitened_statistics(model, held_out)
     # Measured: ~0.01 after init and ~0.97 for random filters on correlated pixels.
     assert after < 0.05
@@ -194,53 +205,6 @@ def test_whitening_init_decorrelates_held_out_patches():
     assert ((variances > 0.3) & (variances < 1.15)).all(), variances
     weight = model.whiten.weight
     torch.testing.assert_close(weight[12:], -weight[:12])
-
-
-def test_init_from_data_leaves_other_models_unchanged():
-    model = small_model("attention_resnet")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    init_from_data(model, images(8))
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-# --- wrappers and state dicts ----------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def single_process_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def test_ddp_state_dict_loads_strictly_after_unwrap(single_process_group):
-    model = small_model("fast")
-    ddp = nn.parallel.DistributedDataParallel(model)
-    assert all(key.startswith("module.") for key in ddp.state_dict())
-    assert unwrap(ddp) is model
-    bare = build_model(SMALL_CONFIGS["fast"])
-    bare.load_state_dict(unwrap(ddp).state_dict(), strict=True)
-    compiled_ddp = torch.compile(ddp)  # wrap in DDP first, compile after, as PyTorch recommends
-    assert unwrap(compiled_ddp) is model
-
-
-def test_compiled_state_dict_has_prefix_and_loads_strictly_after_unwrap():
-    model = small_model("attention_resnet")
-    compiled = torch.compile(model)
-    raw = compiled.state_dict()
-    assert raw and all(key.startswith("_orig_mod.") for key in raw)
-    with pytest.raises(RuntimeError):
-        build_model(SMALL_CONFIGS["attention_resnet"]).load_state_dict(raw, strict=True)
-    bare = build_model(SMALL_CONFIGS["attention_resnet"])
-    bare.load_state_dict(unwrap(compiled).state_dict(), strict=True)
-    for key, value in model.state_dict().items():
-        assert torch.equal(bare.state_dict()[key], value)
 
 
 # --- summary ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The trainer: DDP equivalence, exact resumes, restarts, checkpoints, guards, errors, learning."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,66 +14,11 @@ import psutil
 import pytest
 import torch
 
-from cifar_dist.config import load_config
+from cifar_dist.config import ModelConfig, load_config
 from cifar_dist.engine import checkpoint
-from cifar_dist.engine.trainer import EXIT_DIVERGED, EXIT_PREEMPTED
 from cifar_dist.models import build_model
-from conftest import REPO, free_port, run_torchrun
-
-SCRIPT = "tests/scripts/train_run.py"
-
-
-def tiny_args(data_root: Path, run_dir: Path, *extra) -> list[str]:
-    """Smoke config on the small synthetic copy: 450 train images, 14 steps of 32 per epoch."""
-    return ["--config", str(REPO / "configs/smoke.yaml"), f"data.root={data_root}", "data.require_full_size=false",
-            f"run.dir={run_dir}", "model.widths=[8,16,16]", "train.global_batch_size=32", "train.epochs=2",
-            "train.deterministic=true", "logging.print_every_steps=1", *extra]
-
-
-def train(args: list[str], env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def torchrun_train(args: list[str], env=None, extra=()) -> subprocess.CompletedProcess:
-    return run_torchrun(2, [SCRIPT, *args], env=env, extra=extra)
-
-
-def states(run_dir: Path, name: str = "last.pt") -> dict:
-    state = checkpoint.load(run_dir / name)
-    return {"model": state["model"], "ema": state["ema"]["module"], "step": state["global_step"],
-            "epoch": state["epoch"]}
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
-
-
-def start_and_signal(cmd: list[str], after_line: str, sig=signal.SIGTERM, env=None) -> tuple[int, str]:
-    """Start cmd, send sig once a stdout line contains after_line; (exit code, all output)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if after_line in line:
-            proc.send_signal(sig)
-            break
-    lines.extend(proc.stdout)
-    return proc.wait(timeout=600), "".join(lines)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from conftest import balanced_labels, id_images, write_batches_folder
-    root = tmp_path_factory.mktemp("trainer") / "data"
-    write_batches_folder(root, id_images(500), balanced_labels(500), id_images(100, seed=1), balanced_labels(100))
-    return root
-
+from conftest import (EXIT_DIVERGED, EXIT_PREEMPTED, REPO, SCRIPT, assert_bitwise_equal, free_port, run_torchrun,
+                      start_and_signal, states, tiny_args, torchrun_train, train)
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_root, tmp_path_factory):
@@ -138,7 +84,7 @@ def test_checkpoint_loads_into_a_bare_model(uninterrupted):
     model = build_model(cfg.model)
     model.load_state_dict(state["ema"]["module"], strict=True)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
-    assert {"optimizer", "scheduler", "scaler", "rng", "config", "history", "package_version"} <= state.keys()
+    assert {"optimizer", "scheduler", "scaler", "rng", "config", "progress", "package_version"} <= state.keys()
 
 
 def test_checkpoint_write_killed_leaves_a_loadable_last(tmp_path):
@@ -150,7 +96,7 @@ def test_checkpoint_write_killed_leaves_a_loadable_last(tmp_path):
         "while True:\n"
         "    i += 1\n"
         "    state = {'format_version': checkpoint.FORMAT_VERSION, 'i': i, 'w': torch.full((4_000_000,), float(i))}\n"
-        "    checkpoint.save_atomic(state, Path(sys.argv[1]) / 'last.pt', keep_previous=True)\n"
+        "    checkpoint.save(state, Path(sys.argv[1]) / 'last.pt', keep_previous=True)\n"
         "    print(i, flush=True)\n"
     )
     for delay in (0.0, 0.05, 0.13, 0.31):
@@ -171,7 +117,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_checkpoint_intact(data_root
     assert "3 consecutive steps with a non-finite loss" in result.stdout
     assert result.stdout.count("step skipped") == 3
     state = checkpoint.load(tmp_path / "last.pt")
-    assert state["epoch"] == 1 and state["global_step"] == 14
+    assert state["progress"]["epoch"] == 1 and state["progress"]["global_step"] == 14
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -202,7 +148,7 @@ def test_two_ranks_one_step_equals_single_process_on_the_global_batch(data_root,
     double = torchrun_train(tiny_args(data_root, tmp_path / "two", *common))
     assert double.returncode == 0, double.stderr[-8000:]
     one, two = checkpoint.load(tmp_path / "one" / "last.pt"), checkpoint.load(tmp_path / "two" / "last.pt")
-    assert one["global_step"] == two["global_step"] == 1
+    assert one["progress"]["global_step"] == two["progress"]["global_step"] == 1
     sys.path.insert(0, str(REPO / "tests" / "scripts"))
     from train_run import TinyNoBN
     torch.manual_seed(0)  # train.seed: the trainer seeds before building, so this is the initial state
@@ -221,10 +167,12 @@ def test_two_ranks_sigterm_resume_bitwise_ema_identical_and_exact_counts(data_ro
     assert ranks[0]["ema"] == ranks[1]["ema"] and ranks[0]["model"] == ranks[1]["model"]
     assert [h["val_count"] for h in ranks[0]["history"]] == [50, 50]
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), SCRIPT, *tiny_args(data_root, tmp_path / "i")]
-    code, output = start_and_signal(cmd, "epoch 2 step 1/")  # 13 steps of slack for torchrun to forward it
-    assert code != 0, output[-3000:]
+    # The one-node launcher of launch/train (torchrun's own agent turns a worker's 75 into its exit 1).
+    cmd = [sys.executable, "-m", "cifar_dist.launchers.local", "--nproc", "2", "--",
+           *tiny_args(data_root, tmp_path / "i")]
+    code, output = start_and_signal(cmd, "epoch 2 step 1/")  # 13 steps of slack for the launcher to forward it
+    assert code == EXIT_PREEMPTED, output[-3000:]
+    assert "Traceback" not in output and "To resume: cifar-dist train" in output
     saved = states(tmp_path / "i")
     assert saved["epoch"] == 1 and 14 + 1 <= saved["step"] < 28, output[-6000:]
     result = torchrun_train(tiny_args(data_root, tmp_path / "i"), env={"DUMP_DIR": str(dump_i)})
@@ -270,7 +218,7 @@ def test_torchrun_restarts_after_a_rank_is_killed(data_root, tmp_path):
 def test_wandb_offline_keeps_history_and_run_id_across_resume(data_root, tmp_path):
     result = train(tiny_args(data_root, tmp_path, "logging.wandb.mode=offline", "train.max_steps=20"))
     assert result.returncode == 0, result.stderr[-8000:]
-    run_id = checkpoint.load(tmp_path / "last.pt")["wandb_run_id"]
+    run_id = checkpoint.load(tmp_path / "last.pt")["progress"]["wandb_run_id"]
     assert run_id
     result = train(tiny_args(data_root, tmp_path, "logging.wandb.mode=offline"))
     assert result.returncode == 0, result.stderr[-8000:]
@@ -360,7 +308,7 @@ def test_training_runs_on_every_loader(data_root, tmp_path, loader):
                                    "data.require_full_size=false", "data.num_workers=1"], cwd=REPO,
                                   capture_output=True, text=True)
         assert prepared.returncode == 0, prepared.stderr
-    result = train(tiny_args(data_root, tmp_path, f"data.loader={loader}", "train.epochs=1", "train.tta=true"))
+    result = train(tiny_args(data_root, tmp_path, f"data.loader={loader}", "train.epochs=1", "train.tta=2"))
     assert result.returncode == 0, result.stderr[-8000:]
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["val_count"] == 50 and record["global_step"] == 14
@@ -394,3 +342,89 @@ def test_fp16_with_grad_scaler_resumes_bitwise(data_root, tmp_path):
     assert_bitwise_equal(states(tmp_path / "split"), states(tmp_path / "whole"))
     assert checkpoint.load(tmp_path / "whole" / "last.pt")["scaler"] == checkpoint.load(
         tmp_path / "split" / "last.pt")["scaler"]
+
+
+# --- issue: engine second pass ----------------------------------------------------------------
+
+def test_fp16_overflows_are_the_scalers_business_not_divergence(data_root, tmp_path):
+    """20 steps in a row whose gradient overflows (finite loss): skipped by the scaler, not counted."""
+    args = tiny_args(data_root, tmp_path, "model.name=overflow_first", "train.amp=true", "train.amp_dtype=fp16",
+                     "train.max_nonfinite_steps=3", "train.ema_decay=0")
+    result = train(args, env={"OVERFLOW_STEPS": "20"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "step skipped" not in result.stdout
+    state = checkpoint.load(tmp_path / "last.pt")
+    assert state["progress"]["global_step"] == 28 and state["progress"]["nonfinite_total"] == 0
+    assert state["scaler"]["scale"] == 65536.0 * 0.5**20  # halved at each of the 20 overflows
+    assert state["scaler"]["_growth_tracker"] == 8  # the 8 steps after them were taken
+
+
+def test_two_ranks_count_each_image_of_an_odd_split_once(tmp_path):
+    from conftest import balanced_labels, id_images, write_batches_folder
+
+    root = tmp_path / "data"
+    write_batches_folder(root, id_images(500), balanced_labels(500), id_images(101, seed=1), balanced_labels(101))
+    result = torchrun_train(tiny_args(root, tmp_path / "run", "data.val_fraction=0", "train.epochs=1"))
+    assert result.returncode == 0, result.stderr[-8000:]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["val_count"] == 101
+
+
+def test_attention_resnet_with_dropout_resumes_bitwise(data_root, tmp_path):
+    args = ("model.name=attention_resnet", "model.width=4", "model.dropout=0.3", "train.epochs=1")
+    whole = train(tiny_args(data_root, tmp_path / "whole", *args))
+    assert whole.returncode == 0, whole.stderr[-8000:]
+    first = train(tiny_args(data_root, tmp_path / "split", *args, "train.max_steps=6"))
+    assert first.returncode == 0, first.stderr[-8000:]
+    second = train(tiny_args(data_root, tmp_path / "split", *args))
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-8000:]
+    assert_bitwise_equal(states(tmp_path / "split"), states(tmp_path / "whole"))
+    other_seed = train(tiny_args(data_root, tmp_path / "seed1", *args, "train.seed=1"))
+    assert other_seed.returncode == 0
+    assert not torch.equal(states(tmp_path / "seed1")["model"]["fc.weight"], states(tmp_path / "whole")["model"]["fc.weight"])
+
+
+def test_resume_compares_only_the_chosen_models_options(data_root, tmp_path):
+    first = train(tiny_args(data_root, tmp_path, "model.name=tiny_nobn", "train.max_steps=3"))
+    assert first.returncode == 0, first.stderr[-8000:]
+    again = train(tiny_args(data_root, tmp_path, "model.name=tiny_nobn", "model.width=5", "model.widths=[4,4,4]",
+                            "train.max_steps=5"))
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-8000:]
+
+
+def test_run_plan_is_printed_and_saved_with_a_config_that_reproduces_the_run(data_root, tmp_path):
+    args = tiny_args(data_root, tmp_path / "run", "train.epochs=1", "train.grad_accum_steps=2")
+    result = torchrun_train(args)
+    assert result.returncode == 0, result.stderr[-8000:]
+    assert "run plan:" in result.stdout and result.stdout.count("run plan:") == 1  # rank 0 only
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (plan["world_size"], plan["micro_batch_size"], plan["grad_accum_steps"]) == (2, 8, 2)
+    assert (plan["steps_per_epoch"], plan["total_steps"], plan["train_images"], plan["eval_images"]) == (14, 14, 450, 50)
+    assert (plan["amp_dtype"], plan["grad_scaler"], plan["sync_bn"], plan["compile"]) == ("off", False, False, "off")
+    model = build_model(ModelConfig(name="fast", widths=[8, 16, 16]))
+    assert plan["parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    wanted = load_config(args[1], args[2:])
+    assert saved.run.dir == "" and saved == dataclasses.replace(wanted, run=dataclasses.replace(wanted.run, dir=""))
+
+
+def test_wandb_online_without_a_key_stops_before_anything(data_root, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "cifar_dist", "train",
+                             *tiny_args(data_root, tmp_path / "run", "logging.wandb.mode=online")],
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "wandb login" in result.stderr and "WANDB_API_KEY" in result.stderr
+    assert "logging.wandb.mode=offline" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_wandb_online_with_a_key_but_no_server_falls_back_to_offline(data_root, tmp_path):
+    env = {"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}", "HOME": str(tmp_path)}
+    started = time.monotonic()
+    result = train(tiny_args(data_root, tmp_path / "run", "logging.wandb.mode=online", "train.epochs=1"), env=env)
+    assert result.returncode == 0, result.stderr[-8000:]
+    assert time.monotonic() - started < 120
+    assert "is not reachable" in result.stdout and "logging offline instead" in result.stdout
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1

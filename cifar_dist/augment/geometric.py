@@ -51,11 +51,6 @@ def random_shifts(batch_size: int, padding: int, generator: torch.Generator) -> 
     return torch.randint(-padding, padding + 1, (batch_size, 2), generator=generator, device=generator.device)
 
 
-def random_translate(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after reflect padding: translate each image by up to ±padding pixels."""
-    return translate(images, random_shifts(images.shape[0], padding, generator), padding)
-
-
 def flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mirror left–right the images where mask (N,) is True."""
     return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)

@@ -11,7 +11,6 @@ An op whose strength is 0 in the config is skipped, not run at strength 0.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import struct
 
@@ -28,16 +27,6 @@ def make_generator(seed: int, rank: int, epoch: int, step: int, device) -> torch
     """A generator on device whose seed is a 63-bit BLAKE2b hash of (seed, rank, epoch, step)."""
     digest = hashlib.blake2b(struct.pack("<4q", seed, rank, epoch, step), digest_size=8).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-
-
-def on_device_remainder(cfg: AugmentConfig) -> AugmentConfig:
-    """What is left for the device when the loader already applied the per-image PIL transforms
-    (`host_augmented` loaders): cfg with the geometric and colour strengths zeroed, so only
-    normalisation and mixup/cutmix remain."""
-    return dataclasses.replace(
-        cfg, crop_padding=0, flip="none", rotate_degrees=0.0, perspective_prob=0.0,
-        brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, cutout_size=0,
-    )
 
 
 def _check_batch(images_uint8: torch.Tensor, generator: torch.Generator | None = None) -> None:

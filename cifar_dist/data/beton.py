@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_dist.atomic import atomic_write
 from cifar_dist.config import DataConfig
 from cifar_dist.data.cifar import CLASS_NAMES, NUM_CLASSES, DataError, load_cifar10, sha256_file
 from cifar_dist.data.splits import SPLITS, split_arrays
+from cifar_dist.lifetime import children_die_with_parent
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -62,6 +64,7 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, num_workers:
     from ffcv.writer import DatasetWriter
 
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
+    children_die_with_parent()  # FFCV's writer forks workers (~800 MB each): none may outlive a killed prepare
     writer = DatasetWriter(str(path), fields, num_workers=max(1, num_workers))
     writer.from_indexed_dataset(_ArrayDataset(images, labels), chunksize=500)
 
@@ -98,15 +101,6 @@ def verify_betons(beton_dir: Path, manifest: dict, splits=SPLITS) -> None:
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise DataError(f"{path} does not match the checksum in {beton_dir / MANIFEST}: it is corrupted "
                             "or was modified; run `cifar-dist prepare --force` to rebuild it")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _remove_stale_temporaries(beton_dir: Path) -> None:
@@ -163,7 +157,7 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Path:
             "sha256": sha256_file(final),
         }
     manifest = {"inputs": inputs, "source": arrays.source, "class_names": list(CLASS_NAMES), "splits": entries}
-    atomic_write_text(beton_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write(beton_dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     counts = ", ".join(f"{split}: {entry['num_images']}" for split, entry in entries.items())
     log(f"wrote {counts} images to {beton_dir}")
     return beton_dir / MANIFEST

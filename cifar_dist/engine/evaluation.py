@@ -1,4 +1,4 @@
-"""Distributed evaluation: every image counted once, sums all-reduced across ranks."""
+"""Distributed evaluation: every image counted once, sums all-reduced across ranks; TTA views."""
 from __future__ import annotations
 
 import contextlib
@@ -9,21 +9,41 @@ from torch import nn
 
 from cifar_dist.engine.distributed import all_reduce_
 
+TTA_LEVELS = (0, 1, 2)
 
-def tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Flip + translate test-time augmentation (speed-record style): mean of weighted views."""
-    flipped = images.flip(-1)
-    logits = 0.25 * (model(images) + model(flipped))
+
+def tta_views(images: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs of airbench's test-time augmentation; the weights sum to 1.
+
+    0: the image. 1: the image and its mirror, ½ each. 2: those two weighted ½ in all, plus the
+    image shifted one pixel up-left and one down-right (reflect padding) and their mirrors,
+    weighted ½ in all: ¼, ¼, ⅛, ⅛, ⅛, ⅛. Views keep the input's memory format.
+    """
+    if level not in TTA_LEVELS:
+        raise ValueError(f"TTA level must be one of {TTA_LEVELS}; got {level}")
+    if level == 0:
+        return [(1.0, images)]
+    memory_format = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    mirrored = [(0.5, images), (0.5, images.flip(-1).contiguous(memory_format=memory_format))]
+    if level == 1:
+        return mirrored
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-    for view in (padded[..., :-2, :-2], padded[..., 2:, 2:]):  # shifted by one pixel either way
-        view = view.contiguous(memory_format=torch.channels_last)
-        logits = logits + 0.125 * (model(view) + model(view.flip(-1)))
-    return logits
+    views = [(weight / 2, view) for weight, view in mirrored]
+    for shifted in (padded[..., :-2, :-2], padded[..., 2:, 2:]):
+        shifted = shifted.contiguous(memory_format=memory_format)
+        views += [(0.125, shifted), (0.125, shifted.flip(-1).contiguous(memory_format=memory_format))]
+    return views
+
+
+def tta_logits(model: nn.Module, images: torch.Tensor, level: int) -> torch.Tensor:
+    """Weighted mean of the logits of the TTA views (the speed records average logits)."""
+    return sum(weight * model(view).float() for weight, view in tta_views(images, level))
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, transform, num_classes: int, autocast=contextlib.nullcontext,
-             tta: bool = False) -> dict:
+             tta_level: int = 0) -> dict:
     """Loss, top-1 accuracy, count and confusion matrix (rows: true class) over the whole split."""
     was_training = model.training
     model.eval()
@@ -33,7 +53,7 @@ def evaluate(model: nn.Module, loader, transform, num_classes: int, autocast=con
     for images, labels in loader:
         inputs = transform(images)
         with autocast():
-            logits = tta_logits(model, inputs) if tta else model(inputs)
+            logits = tta_logits(model, inputs, tta_level)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         predictions = logits.argmax(dim=1)

@@ -1,28 +1,42 @@
-"""Model registry: `build_model(cfg)` by `cfg.name`, data-dependent init, and wrapper stripping.
+"""Models by name: `build_model(cfg)`, the options each model declares, unwrapping.
 
 Every model takes normalized float images N x 3 x 32 x 32 (contiguous or channels_last) and
-returns logits N x num_classes.
+returns logits N x num_classes. A model with a data-dependent whitening layer names it `whiten`
+and implements `init_from_data(images)` (normalized training images), which the run assembly calls
+before wrapping the model in DDP, so rank 0's result is what every rank starts from.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from cifar_dist.config import ModelConfig
-from cifar_dist.models import attention_resnet, fast, resnet
+from cifar_dist.config import ConfigError, ModelConfig
+from cifar_dist.models.registry import MODELS, ModelEntry, register_model
+from cifar_dist.models import attention_resnet, fast, resnet  # noqa: F401  (they register themselves)
 
-BUILDERS = {
-    "attention_resnet": attention_resnet.build,
-    "fast": fast.build,
-    "resnet18": resnet.build,
-}
+__all__ = ["MODELS", "build_model", "model_entry", "model_options", "register_model", "unwrap"]
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise ConfigError(f"config key 'model.name' must be one of {', '.join(sorted(MODELS))}; got {name!r}")
+    return MODELS[name]
+
+
+def model_options(cfg: ModelConfig | dict) -> dict:
+    """What identifies the model: its name, num_classes and the options it declares."""
+    values = cfg if isinstance(cfg, dict) else vars(cfg)
+    entry = model_entry(values["name"])
+    return {key: values[key] for key in ("name", "num_classes", *entry.options)}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """Build the model named cfg.name, on the CPU in float32."""
-    if cfg.name not in BUILDERS:
-        raise ValueError(f"unknown model '{cfg.name}'; set model.name to one of: {', '.join(BUILDERS)}")
-    return BUILDERS[cfg.name](cfg)
+    """Build the model named cfg.name, on the CPU in float32; a bad option is a ConfigError."""
+    options = model_options(cfg)
+    del options["name"]
+    try:
+        return model_entry(cfg.name).build(**options)
+    except ValueError as err:  # an option out of range, named by the builder
+        raise ConfigError(str(err)) from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -35,13 +49,3 @@ def unwrap(model: nn.Module) -> nn.Module:
         else:
             return model
 
-
-def init_from_data(model: nn.Module, images: torch.Tensor) -> None:
-    """Let a model set data-dependent weights (the fast net's whitening conv) from normalized training images.
-
-    Call it before DDP wrapping so the broadcast from rank 0 carries the result; models without
-    such weights ignore it.
-    """
-    bare = unwrap(model)
-    if hasattr(bare, "init_from_data"):
-        bare.init_from_data(images)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cifar_dist.config import ModelConfig
+from cifar_dist.models.registry import register_model
 from cifar_dist.models.resnet import BasicBlock, conv_bn, kaiming_init
 
 STAGE_MULTIPLIERS = (2, 4, 8, 8)  # stage widths as multiples of the stem width
@@ -77,10 +77,11 @@ class AttentionResNet(nn.Module):
         return self.fc(self.dropout(x.mean(dim=(2, 3))))
 
 
-def build(cfg: ModelConfig) -> AttentionResNet:
-    """The reference model at cfg.width (stem channels) with cfg.dropout before the classifier."""
-    if cfg.width < 1:
-        raise ValueError(f"model.width must be at least 1 for attention_resnet; got {cfg.width}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"model.dropout must be in [0, 1); got {cfg.dropout}")
-    return AttentionResNet(cfg.width, cfg.num_classes, cfg.dropout)
+@register_model("attention_resnet", options=("width", "dropout"))
+def build(num_classes: int, width: int, dropout: float) -> AttentionResNet:
+    """The reference project's ResNet with channel + spatial attention (4,913,705 parameters at width 31)."""
+    if width < 1:
+        raise ValueError(f"model.width must be at least 1 for attention_resnet; got {width}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1); got {dropout}")
+    return AttentionResNet(width, num_classes, dropout)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cifar_dist.config import ModelConfig
+from cifar_dist.models.registry import register_model
 
 WHITEN_KERNEL = 2
 WHITEN_CHANNELS = 2 * 3 * WHITEN_KERNEL**2  # every eigen-direction of a 2x2x3 patch and its negative
@@ -109,12 +109,13 @@ def patch_eigenbasis(images: torch.Tensor, kernel: int, chunk: int = 1000) -> tu
     return eigenvalues.flip(0).float(), eigenvectors.flip(1).float()
 
 
-def build(cfg: ModelConfig) -> FastNet:
-    """The fast net with conv-group widths cfg.widths, BN momentum cfg.bn_momentum, logit scale cfg.scale."""
-    if len(cfg.widths) != 3 or not all(isinstance(w, int) and w >= 1 for w in cfg.widths):
-        raise ValueError(f"model.widths must be three positive integers for the fast net; got {cfg.widths}")
-    if not 0.0 <= cfg.bn_momentum < 1.0:
+@register_model("fast", options=("widths", "bn_momentum", "scale"))
+def build(num_classes: int, widths: list, bn_momentum: float, scale: float) -> FastNet:
+    """airbench-style net: whitening conv, three conv groups, scaled linear head (speed records)."""
+    if len(widths) != 3 or not all(isinstance(w, int) and w >= 1 for w in widths):
+        raise ValueError(f"model.widths must be three positive integers for the fast net; got {widths}")
+    if not 0.0 <= bn_momentum < 1.0:
         raise ValueError(
-            f"model.bn_momentum is the weight of the old BN statistics and must be in [0, 1); got {cfg.bn_momentum}"
+            f"model.bn_momentum is the weight of the old BN statistics and must be in [0, 1); got {bn_momentum}"
         )
-    return FastNet(tuple(cfg.widths), cfg.num_classes, cfg.bn_momentum, cfg.scale)
+    return FastNet(tuple(widths), num_classes, bn_momentum, scale)

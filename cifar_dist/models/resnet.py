@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cifar_dist.config import ModelConfig
+from cifar_dist.models.registry import register_model
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
@@ -72,6 +72,7 @@ class ResNet18(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def build(cfg: ModelConfig) -> ResNet18:
-    """ResNet-18 with cfg.num_classes outputs; the width options do not apply."""
-    return ResNet18(cfg.num_classes)
+@register_model("resnet18")
+def build(num_classes: int) -> ResNet18:
+    """The standard CIFAR ResNet-18 (11,173,962 parameters)."""
+    return ResNet18(num_classes)

@@ -1,8 +1,10 @@
 """Run the trainer (also under torchrun) with test-only models registered; dump per-rank state hashes.
 
 Usage: train_run.py [--config FILE] [key=value ...]; env DUMP_DIR=folder writes rank<r>.json there.
-Test models: `tiny_nobn` (no BatchNorm, no dropout) and `nan_after` (its logits turn NaN after
-NAN_AFTER training forwards, to exercise the non-finite-loss guard).
+Test models: `tiny_nobn` (no BatchNorm, no dropout); `nan_after` (its logits turn NaN after
+NAN_AFTER training forwards, to exercise the non-finite-loss guard); `overflow_first` (its gradient
+is infinite in the first OVERFLOW_STEPS backward passes while the loss stays finite, as after an
+fp16 overflow).
 """
 import hashlib
 import json
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar_dist import models
+from cifar_dist.models import register_model
 from cifar_dist.train import main
 
 
@@ -41,8 +43,35 @@ class NanAfter(TinyNoBN):
         return logits
 
 
-models.BUILDERS["tiny_nobn"] = lambda cfg: TinyNoBN(cfg.num_classes)
-models.BUILDERS["nan_after"] = lambda cfg: NanAfter(cfg.num_classes, int(os.environ.get("NAN_AFTER", "10")))
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward; the gradient of the first `budget[0]` backward passes is infinite."""
+
+    @staticmethod
+    def forward(ctx, x, budget):
+        ctx.budget = budget
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.budget[0] > 0:
+            ctx.budget[0] -= 1
+            return grad * float("inf"), None
+        return grad, None
+
+
+class OverflowFirst(TinyNoBN):
+    def __init__(self, num_classes: int, steps: int):
+        super().__init__(num_classes)
+        self.budget = [steps]
+
+    def forward(self, x):
+        return InfiniteGradient.apply(super().forward(x), self.budget)
+
+
+register_model("tiny_nobn")(lambda num_classes: TinyNoBN(num_classes))
+register_model("nan_after")(lambda num_classes: NanAfter(num_classes, int(os.environ.get("NAN_AFTER", "10"))))
+register_model("overflow_first")(
+    lambda num_classes: OverflowFirst(num_classes, int(os.environ.get("OVERFLOW_STEPS", "20"))))
 
 
 def state_hash(module: nn.Module) -> str:
@@ -61,12 +90,12 @@ if __name__ == "__main__":
         original_fit = trainer_module.Trainer.fit
 
         def fit_and_dump(self):
-            code = original_fit(self)
-            record = {"exit": code, "model": state_hash(self.model),
-                      "ema": state_hash(self.ema.module) if self.ema else None,
-                      "history": self.history}
+            outcome = original_fit(self)
+            record = {"exit": trainer_module.EXIT_CODES[outcome], "model": state_hash(self.run.model),
+                      "ema": state_hash(self.run.ema.module) if self.run.ema.enabled else None,
+                      "history": self.progress.history}
             Path(dump_dir, f"rank{self.env.rank}.json").write_text(json.dumps(record))
-            return code
+            return outcome
 
         trainer_module.Trainer.fit = fit_and_dump
     sys.exit(main())

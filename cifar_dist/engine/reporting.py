@@ -6,27 +6,33 @@ Files under the run folder:
   training_history.png   loss and accuracy curves (train, val, EMA val)
   per_class.csv          per-class accuracy of the model and its EMA, after training
   confusion_matrix.csv   rows: actual class, columns: predicted class
+  final.json             accuracy and loss at the end, model and EMA, without and with TTA
   wandb/offline-run-*    with logging.wandb.mode=offline; upload later with `wandb sync`
 """
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
+import netrc
 import os
 import secrets
+import socket
 import string
 import sys
 from pathlib import Path
-from typing import Callable
+from urllib.parse import urlsplit
 
-from cifar_dist.config import ConfigError, LoggingConfig
+from cifar_dist.atomic import atomic_write
+from cifar_dist.config import ConfigError, LoggingConfig, WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.csv"
 PLOT_FILE = "training_history.png"
 PER_CLASS_FILE = "per_class.csv"
 CONFUSION_FILE = "confusion_matrix.csv"
+FINAL_FILE = "final.json"
 
 _WANDB_ID_ALPHABET = string.ascii_lowercase + string.digits
 _WANDB_ID_LENGTH = 8
@@ -41,6 +47,50 @@ _SUMMARY_GROUPS = (
     ("", (("peak_memory_mb", "peak {:.0f} MB"),)),
 )
 _CURVES = (("train", "train_{}"), ("val", "val_{}"), ("EMA val", "ema_val_{}"))
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+WANDB_PROBE_TIMEOUT_S = 5.0
+
+
+def wandb_api_key_found(base_url: str) -> bool:
+    """Whether wandb will find credentials: WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE or a netrc entry
+    for the server (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(base_url).hostname or ""
+    for path in filter(None, (os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc")):
+        try:
+            if netrc.netrc(path).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
+
+
+def server_reachable(base_url: str, timeout_s: float = WANDB_PROBE_TIMEOUT_S) -> bool:
+    """A TCP connection to the wandb server opens within timeout_s."""
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+            return True
+    except (OSError, TypeError):
+        return False
+
+
+def check_wandb(cfg: WandbConfig) -> None:
+    """Refuse a wandb mode that cannot work (no package; online without credentials) before anything
+    starts; every rank calls it, so all stop together."""
+    if cfg.mode == "disabled":
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"logging.wandb.mode={cfg.mode} needs the 'wandb' package: pip install -e .[wandb], "
+                          "or set logging.wandb.mode=disabled")
+    if cfg.mode != "online":
+        return
+    base_url = os.environ.get("WANDB_BASE_URL", WANDB_DEFAULT_URL)
+    if not wandb_api_key_found(base_url):
+        raise ConfigError(f"logging.wandb.mode=online needs a wandb API key for {base_url}: run `wandb login` or "
+                          "set WANDB_API_KEY, or use logging.wandb.mode=offline and `wandb sync` the run later")
 
 
 class RunLogger:
@@ -70,13 +120,15 @@ class RunLogger:
             self._wandb_run = self._start_wandb(config_dict)
 
     def _start_wandb(self, config_dict: dict):
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError(
-                f"logging.wandb.mode={self.cfg.wandb.mode} needs the 'wandb' package: "
-                "pip install -e .[wandb], or set logging.wandb.mode=disabled"
-            ) from None
+        check_wandb(self.cfg.wandb)
+        import wandb
+
+        mode = self.cfg.wandb.mode
+        base_url = os.environ.get("WANDB_BASE_URL", WANDB_DEFAULT_URL)
+        if mode == "online" and not server_reachable(base_url):
+            print(f"warning: wandb server {base_url} is not reachable within {WANDB_PROBE_TIMEOUT_S:.0f} s; "
+                  "logging offline instead (upload later with `wandb sync`)", flush=True)
+            mode = "offline"
         resuming = self.wandb_run_id is not None
         if not resuming:
             # Chosen here rather than by wandb so that the first checkpoint can already store it.
@@ -88,15 +140,15 @@ class RunLogger:
             name=wandb_cfg.name or None,
             tags=list(wandb_cfg.tags),
             config=config_dict,
-            mode=wandb_cfg.mode,
+            mode=mode,
             dir=str(self.run_dir),
             id=self.wandb_run_id,
             resume="allow" if resuming else None,
             # Never hand back another run that happens to be active in this process.
             reinit="create_new",
-            settings=wandb.Settings(silent=True),
+            settings=wandb.Settings(silent=True, init_timeout=60),
         )
-        if wandb_cfg.mode == "offline":
+        if mode == "offline":
             print(f"wandb: offline run {run.id} in {Path(run.dir).parent}; "
                   f"upload it with `wandb sync {Path(run.dir).parent}`", flush=True)
         else:
@@ -165,14 +217,20 @@ class RunLogger:
         self._write_metrics_file()
         self._write_summary_and_plot()
 
-    def log_final(self, per_class: dict, confusion: list[list[int]], class_names: list[str]) -> None:
-        """Write and print per-class accuracy and the confusion matrix; log both to wandb.
+    def log_final(self, per_class: dict, confusion: list[list[int]], class_names: list[str],
+                  final: dict | None = None) -> None:
+        """Write and print per-class accuracy, the confusion matrix and the final accuracies; log them to wandb.
 
-        per_class: {"model": [accuracy per class], "ema": [...]}; confusion[actual][predicted] counts.
+        per_class: {"model": [accuracy per class], "ema": [...]}; confusion[actual][predicted] counts;
+        final: {"model": {"acc": ..., "loss": ...}, "ema_tta2": {...}, ...}.
         """
         if not self.enabled:
             return
         self._close_bar()
+        if final:
+            atomic_write(self.run_dir / FINAL_FILE, lambda tmp: tmp.write_text(json.dumps(final, indent=2) + "\n"),
+                         fsync=False)
+            print("final accuracy: " + ", ".join(f"{kind} {r['acc']:.4f}" for kind, r in final.items()), flush=True)
         columns = ["class"] + [f"{name}_acc" for name in per_class]
         rows = [[class_name] + [_plain(per_class[name][index]) for name in per_class]
                 for index, class_name in enumerate(class_names)]
@@ -204,6 +262,7 @@ class RunLogger:
             self._wandb_run.log({
                 "per_class_accuracy": wandb.Table(columns=columns, data=rows),
                 "confusion_matrix": confusion_chart,
+                **{f"final/{kind}_acc": r["acc"] for kind, r in (final or {}).items()},
             })
 
     def close(self) -> None:
@@ -227,7 +286,7 @@ class RunLogger:
 
     def _write_metrics_file(self) -> None:
         lines = "".join(json.dumps(record) + "\n" for record in self.history)
-        _replace_atomically(self.run_dir / METRICS_FILE, lambda tmp: tmp.write_text(lines))
+        atomic_write(self.run_dir / METRICS_FILE, lambda tmp: tmp.write_text(lines), fsync=False)
         self._metrics_file_matches_history = True
 
     def _write_summary_and_plot(self) -> None:
@@ -240,7 +299,7 @@ class RunLogger:
         _write_csv(self.run_dir / SUMMARY_FILE, columns, rows)
         if self.plot:
             try:
-                _replace_atomically(self.run_dir / PLOT_FILE, lambda tmp: _plot_history(self.history, tmp))
+                atomic_write(self.run_dir / PLOT_FILE, lambda tmp: _plot_history(self.history, tmp), fsync=False)
             except ImportError:
                 print(f"note: matplotlib is not installed, so {PLOT_FILE} is not drawn; pip install matplotlib",
                       flush=True)
@@ -264,13 +323,6 @@ def _summary_line(record: dict) -> str:
     return " | ".join(groups)
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file next to path, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as csv_file:
@@ -278,7 +330,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
             writer.writerow(columns)
             writer.writerows(rows)
 
-    _replace_atomically(path, write)
+    atomic_write(path, write, fsync=False)
 
 
 def _plot_history(history: list[dict], path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Launchers: one node (local.py, what launch/train runs) and Slurm."""
