@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from cifar_dist.atomic import atomic_write  # noqa: E402
 from cifar_dist.augment.pipeline import make_generator  # noqa: E402
 from cifar_dist.config import Config, load_config  # noqa: E402
 from cifar_dist.data.beton import prepare  # noqa: E402
@@ -152,21 +153,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv_atomically(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     """Rewrite path with a header and rows; a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
-            for row in rows:
-                writer.writerow({key: row[key] for key in CSV_FIELDS})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            writer.writerows({key: row[key] for key in CSV_FIELDS} for row in rows)
+
+    atomic_write(path, write)
 
 
 def main(argv=None) -> int:
@@ -209,7 +206,7 @@ def main(argv=None) -> int:
           f"{args.num_workers} loader workers; first {args.warmup_batches} batches untimed "
           f"(FFCV's numba compilation, worker start-up)")
     print(format_table(rows))
-    write_csv_atomically(args.csv, rows)
+    write_csv(args.csv, rows)
     print(f"wrote {args.csv}")
     return 0
 

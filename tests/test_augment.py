@@ -141,7 +141,9 @@ def test_rotate_then_perspective_is_one_resampling_of_the_sequence():
     images = float_images(2, seed=3)
     angles = torch.full((2,), 90.0)
     start, end = torch.tensor([CORNERS, CORNERS]), torch.tensor([MOVED, MOVED])
-    combined = geometric.rotate_then_perspective(images, angles, start, end)
+    h, w = images.shape[-2:]
+    combined = geometric.warp(images, geometric.rotation_matrices(angles, h, w)
+                              @ geometric.perspective_matrices(start, end, h, w))
     sequence = geometric.perspective(geometric.rotate(images, angles), start, end)
     assert torch.allclose(combined[..., 2:-2, 2:-2], sequence[..., 2:-2, 2:-2], atol=1e-4)
     other_order = geometric.rotate(geometric.perspective(images, start, end), angles)
@@ -191,17 +193,17 @@ def test_zero_jitter_is_the_identity_exactly():
 def test_brightness_scales_and_clamps():
     images = float_images(3)
     factors = torch.tensor([0.5, 1.3, 2.0])
-    out = color.adjust_brightness(images, factors)
+    out = color.color_jitter(images, brightness_factors=factors)
     assert torch.equal(out, (images * factors.view(-1, 1, 1, 1)).clamp(0, 1))
     assert not torch.equal(out, images)
 
 
 def test_saturation_zero_is_torchvision_grayscale_and_others_match():
     images = float_images(3)
-    gray = color.adjust_saturation(images, torch.zeros(3))
+    gray = color.color_jitter(images, saturation_factors=torch.zeros(3))
     assert torch.allclose(gray, TF.rgb_to_grayscale(images, num_output_channels=3), atol=1e-6)
     factors = torch.tensor([0.4, 1.0, 1.7])
-    out_s, out_c = color.adjust_saturation(images, factors), color.adjust_contrast(images, factors)
+    out_s, out_c = color.color_jitter(images, saturation_factors=factors), color.color_jitter(images, contrast_factors=factors)
     for i, factor in enumerate(factors.tolist()):
         assert torch.allclose(out_s[i], TF.adjust_saturation(images[i], factor), atol=1e-6)
         assert torch.allclose(out_c[i], TF.adjust_contrast(images[i], factor), atol=1e-6)
@@ -223,7 +225,7 @@ def test_hue_is_a_rotation_about_the_gray_axis():
     images = float_images(6, seed=4)
     images[0, :, :8, :8] = 0.5  # gray: must stay gray
     shifts = torch.tensor([-0.5, -0.1, 0.0, 0.05, 0.25, 0.5])
-    out = color.adjust_hue(images, shifts)
+    out = color.color_jitter(images, hue_shifts=shifts)
     for i, shift in enumerate(shifts.tolist()):
         expected = rotate_colours(images[i], gray_axis_rotation(shift)).clamp(0, 1)
         assert torch.allclose(out[i], expected, atol=1e-5), shift
@@ -236,7 +238,7 @@ def test_hue_is_a_rotation_about_the_gray_axis():
 def test_hue_third_turns_cycle_channels_exactly_like_torchvision():
     images = float_images(2, seed=6)
     for shift, roll in ((1 / 3, 1), (-1 / 3, -1)):  # a positive shift takes red to green
-        out = color.adjust_hue(images, torch.full((2,), shift))
+        out = color.color_jitter(images, hue_shifts=torch.full((2,), shift))
         assert torch.allclose(out, images.roll(roll, dims=1), atol=1e-5), shift
         for i in range(2):
             assert torch.allclose(out[i], TF.adjust_hue(images[i], shift), atol=1e-5), shift
@@ -253,7 +255,7 @@ def test_hue_follows_torchvision_hsv_shift_within_the_documented_tolerance():
     # The rotation is linear, HSV's shift is not: they agree on the hue angle, not channel by channel.
     images = float_images(32, seed=7)
     shifts = torch.linspace(-0.1, 0.1, 32)
-    out = color.adjust_hue(images, shifts)
+    out = color.color_jitter(images, hue_shifts=shifts)
     reference = torch.stack([TF.adjust_hue(images[i], shift) for i, shift in enumerate(shifts.tolist())])
     (hue_out, _), (hue_ref, chroma_ref) = hsv_hue_and_chroma(out), hsv_hue_and_chroma(reference)
     coloured = chroma_ref > 0.1  # hue is ill-defined near gray
@@ -518,3 +520,23 @@ def test_perspective_alone_leaves_unselected_samples_exact():
     out, _ = TrainAugment(cfg)(images, torch.zeros(n, dtype=torch.long), make_generator(0, 0, 0, 0, "cpu"))
     untouched = (out == EvalTransform()(images)).flatten(1).all(1)
     assert_binomial(int((~untouched).sum()), n, 0.3)
+
+
+# --- the recipe, split between host and device -----------------------------------------------
+
+def test_torchvision_path_runs_the_host_ops_with_pil_and_leaves_the_rest_to_the_device():
+    from torchvision import transforms as T
+
+    from cifar_dist.augment.recipe import HOST_OPS, device_part, host_transforms
+    from cifar_dist.config import AugmentConfig
+
+    cfg = AugmentConfig(cutout_size=8, mixup_prob=0.2, cutmix_prob=0.3)
+    device = device_part(cfg, "torchvision")
+    assert all(getattr(device, key) == off for key, off in HOST_OPS.items())
+    assert (device.cutout_size, device.mixup_prob, device.cutmix_prob) == (8, 0.2, 0.3)  # honoured on the device
+    assert device_part(cfg, "gpu") == cfg and device_part(cfg, "ffcv") == cfg
+    kinds = [type(t) for t in host_transforms(cfg).transforms]
+    assert kinds == [T.RandomCrop, T.RandomHorizontalFlip, T.RandomRotation, T.ColorJitter, T.RandomPerspective]
+    assert [type(t) for t in host_transforms(AugmentConfig(flip="none", rotate_degrees=0, perspective_prob=0,
+                                                           brightness=0, contrast=0, saturation=0,
+                                                           hue=0)).transforms] == [T.RandomCrop]

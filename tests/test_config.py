@@ -71,6 +71,10 @@ def test_repo_configs_load():
 
 
 def test_model_summary_command():
+    listing = run_cli("model-summary")
+    assert listing.returncode == 0, listing.stderr
+    assert "options: model.widths=[64, 256, 256], model.bn_momentum=0.6" in listing.stdout
+    assert "options: model.width=31, model.dropout=0.3" in listing.stdout and "no options" in listing.stdout
     result = run_cli("model-summary", "attention_resnet", "--batch-size", "2")
     assert result.returncode == 0, result.stderr
     assert "4,913,705" in result.stdout

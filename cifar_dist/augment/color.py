@@ -147,26 +147,6 @@ def jitter_and_normalize(
     return torch.minimum(torch.maximum(out, low, out=out), high, out=out)
 
 
-def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Scale by factors (N,), then clamp."""
-    return color_jitter(images, brightness_factors=factors)
-
-
-def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend with each image's mean luma: factor 0 gives flat gray, 1 the image itself."""
-    return color_jitter(images, contrast_factors=factors)
-
-
-def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend with the image's luma: factor 0 gives grayscale, 1 the image itself."""
-    return color_jitter(images, saturation_factors=factors)
-
-
-def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Rotate colours about the gray axis by shifts (N,) in turns, in [-0.5, 0.5] (see the module notes)."""
-    return color_jitter(images, hue_shifts=shifts)
-
-
 def random_jitter_factors(
     batch_size: int,
     brightness: float,

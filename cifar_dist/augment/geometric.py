@@ -150,15 +150,6 @@ def perspective(images: torch.Tensor, startpoints: torch.Tensor, endpoints: torc
     return warp(images, perspective_matrices(startpoints, endpoints, images.shape[-2], images.shape[-1]))
 
 
-def rotate_then_perspective(
-    images: torch.Tensor, angles_deg: torch.Tensor, startpoints: torch.Tensor, endpoints: torch.Tensor
-) -> torch.Tensor:
-    """`perspective(rotate(images, angles), startpoints, endpoints)` with a single resampling."""
-    h, w = images.shape[-2:]
-    rotation = rotation_matrices(angles_deg, h, w)
-    return warp(images, rotation @ perspective_matrices(startpoints, endpoints, h, w))
-
-
 def random_angles(batch_size: int, degrees: float, generator: torch.Generator) -> torch.Tensor:
     """(N,) angles uniform in [-degrees, degrees]."""
     uniform = torch.rand(batch_size, generator=generator, device=generator.device)

@@ -1,4 +1,4 @@
-"""Models by name: `build_model(cfg)`, the options each model declares, unwrapping.
+"""Models by name: `build_model(cfg)` and the options each model declares.
 
 Every model takes normalized float images N x 3 x 32 x 32 (contiguous or channels_last) and
 returns logits N x num_classes. A model with a data-dependent whitening layer names it `whiten`
@@ -13,7 +13,7 @@ from cifar_dist.config import ConfigError, ModelConfig
 from cifar_dist.models.registry import MODELS, ModelEntry, register_model
 from cifar_dist.models import attention_resnet, fast, resnet  # noqa: F401  (they register themselves)
 
-__all__ = ["MODELS", "build_model", "model_entry", "model_options", "register_model", "unwrap"]
+__all__ = ["MODELS", "build_model", "model_entry", "model_options", "register_model"]
 
 
 def model_entry(name: str) -> ModelEntry:
@@ -37,15 +37,3 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         return model_entry(cfg.name).build(**options)
     except ValueError as err:  # an option out of range, named by the builder
         raise ConfigError(str(err)) from None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers, in any nesting."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
