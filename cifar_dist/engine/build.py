@@ -115,6 +115,13 @@ def build_train_input(cfg: Config, env: DistEnv, micro_batch: int) -> tuple[obje
     return loader, augment
 
 
+def build_eval_input(cfg: Config, env: DistEnv, split: str, batch_size: int) -> tuple[object, EvalTransform]:
+    """An evaluation loader over one split (each rank a contiguous shard, every image once) and its transform."""
+    loader = build_loader(cfg.data, split, batch_size, train=False, rank=env.rank, world_size=env.world_size,
+                          device=env.device, channels_last=cfg.train.channels_last)
+    return loader, EvalTransform(cfg.train.channels_last)
+
+
 @dataclass
 class Run:
     """Everything a training loop drives; `model` is the bare module, `net` the wrapped one."""
@@ -177,14 +184,12 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
 
     train_loader, augment = build_train_input(cfg, env, micro_batch)
     eval_split = "val" if cfg.data.val_fraction > 0 else "test"
-    eval_loader = build_loader(cfg.data, eval_split, micro_batch, train=False, rank=env.rank,
-                               world_size=env.world_size, device=device, channels_last=tc.channels_last)
+    eval_loader, eval_transform = build_eval_input(cfg, env, eval_split, micro_batch)
     steps_per_epoch = len(train_loader) // tc.grad_accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"the train split gives {train_loader.num_samples} images per rank, fewer than one "
                           f"step of train.global_batch_size={tc.global_batch_size}; lower the batch size")
     total_steps = math.ceil(steps_per_epoch * tc.epochs)
-    eval_transform = EvalTransform(tc.channels_last)
 
     def whitening_images() -> torch.Tensor:  # epoch-0 order; DDP later broadcasts rank 0's result
         images = []
