@@ -13,6 +13,12 @@ KEYS_HINT = "Config keys: `cifar-dist config [--config FILE] [key=value ...]` pr
             "their descriptions and allowed values."
 
 
+DELEGATED = {
+    "slurm": "submit training or a sweep to Slurm (submitit), requeued across preemption",
+    "sweep-summary": "one table of every run under a folder: swept values, accuracies, status",
+}
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (defaults apply to keys it leaves out)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -37,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--batch-size", type=int, default=128, help="batch size for the memory figure")
     summary.add_argument("--device", default="cpu")
     _add_common(summary)
+    for name, help in DELEGATED.items():  # commands with parsers of their own: `cifar-dist NAME --help`
+        commands.add_parser(name, help=help, add_help=False)
     return parser
 
 
@@ -78,11 +86,28 @@ def run_model_summary(args) -> int:
     return 0
 
 
-COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "model-summary": run_model_summary}
+def run_slurm(args) -> int:
+    from cifar_dist.launchers.slurm import submit
+
+    return submit(args.args)
+
+
+def run_sweep_summary(args) -> int:
+    from cifar_dist.launchers.sweeps import main
+
+    return main(args.args)
+
+
+COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "model-summary": run_model_summary,
+            "slurm": run_slurm, "sweep-summary": run_sweep_summary}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in DELEGATED:  # their own parsers see every argument, --help included
+        args = argparse.Namespace(command=argv[0], args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError) as err:

@@ -146,6 +146,8 @@ class LoggingConfig:
 class RunConfig:
     name: str = option("run", "name of the run, prefix of its folder")
     dir: str = option("", "run folder (empty: runs/<name>-<timestamp>)")
+    imports: list = option([], "Python modules imported before the run is built, e.g. ones that register "
+                           "models of your own with @register_model")
 
 
 @dataclass

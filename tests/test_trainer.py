@@ -150,7 +150,7 @@ def test_two_ranks_one_step_equals_single_process_on_the_global_batch(data_root,
     one, two = checkpoint.load(tmp_path / "one" / "last.pt"), checkpoint.load(tmp_path / "two" / "last.pt")
     assert one["progress"]["global_step"] == two["progress"]["global_step"] == 1
     sys.path.insert(0, str(REPO / "tests" / "scripts"))
-    from train_run import TinyNoBN
+    from tiny_models import TinyNoBN
     torch.manual_seed(0)  # train.seed: the trainer seeds before building, so this is the initial state
     initial = TinyNoBN(10).state_dict()
     for key in one["model"]:

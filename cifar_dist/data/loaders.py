@@ -65,12 +65,13 @@ class GpuLoader:
         return self.num_batches
 
     def indices(self) -> torch.Tensor:
-        """This rank's sample order for the current epoch."""
+        """This rank's sample order for the current epoch: every world_size-th image of the global order
+        (DistributedSampler's interleaving), so the ranks' batches of a step together are the batch a
+        single process would take at that step, whatever the world size."""
         if not self.train:
             return torch.arange(self.total)
-        per_rank = self.total // self.world_size
         order = epoch_permutation(self.total, self.seed, self.epoch)
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank][: self.num_samples]
+        return order[self.rank::self.world_size][: self.num_samples]
 
     def __iter__(self):
         order = self.indices().to(self.labels.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -97,8 +98,18 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def import_run_modules(cfg: Config) -> None:
+    """Import run.imports (modules that register models of their own), naming any that fails."""
+    for name in cfg.run.imports:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"run.imports: cannot import {name!r} ({err}); put its folder on PYTHONPATH") from None
+
+
 def preflight(cfg: Config) -> None:
     """The checks that need the registries (model name and options, loader support), building nothing."""
+    import_run_modules(cfg)
     model_entry(cfg.model.name)
     build_model(cfg.model)
     check_loader_support(cfg.augment, cfg.data.loader)
@@ -144,6 +155,7 @@ class Run:
 def build_model_for(cfg: Config, device: torch.device, channels_last: bool, sync_bn: bool = False,
                     whitening_images=None) -> nn.Module:
     """The bare model on device: built, whitened from data when it has a whitening layer, laid out."""
+    import_run_modules(cfg)
     torch.manual_seed(cfg.train.seed)  # the same initial weights for a given seed, whatever the world size
     model = build_model(cfg.model).to(device)
     if channels_last:

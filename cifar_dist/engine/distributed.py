@@ -43,7 +43,9 @@ def read_launch_env() -> tuple[int, int, int]:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         env.setdefault("MASTER_ADDR", _first_slurm_host())
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+        # One port per job and start: a requeued job does not meet its previous run's socket.
+        start = int(env.get("SLURM_JOB_ID", 0)) * 7 + int(env.get("SLURM_RESTART_COUNT", 0))
+        env.setdefault("MASTER_PORT", str(20000 + start % 20000))
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return 0, 1, 0
 

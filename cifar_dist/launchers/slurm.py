@@ -1,0 +1,260 @@
+"""`cifar-dist slurm`: training (or a sweep) on Slurm through submitit, safe across preemption.
+
+One task per GPU (`--tasks-per-node`, default `--gpus-per-node`, or 1 on CPU partitions) runs
+`SlurmTraining`, which exports the rendezvous variables from submitit's job environment
+(`submitit.helpers.TorchDistributedEnvironment`: MASTER_ADDR is the first node) and calls the
+trainer. How the signals and submitit's own handlers cooperate:
+- submitit installs its handlers when a task starts: SIGUSR2 → call our `checkpoint()` and requeue,
+  SIGTERM → ignored. They cover only the start-up (data, model) and the end of a task.
+- While the training loop runs, the trainer's handlers replace them: SIGUSR2 (the time-limit warning,
+  `#SBATCH --signal=USR2@<--signal-delay-s>`) and SIGTERM (preemption, `scancel`, `scontrol requeue`)
+  make every task finish its step; rank 0 writes last.pt; the trainer returns 75.
+- Then rank 0 asks Slurm for the job's state. RUNNING means Slurm will not end the job itself (a
+  time-limit warning, a manual signal): we requeue it with `scontrol requeue`. Otherwise Slurm is
+  already cancelling the job (`scancel`) or requeuing it (preemption, `scontrol requeue`), and we let it.
+- Our requeues are counted in `<run dir>/slurm.json` and bounded by `--max-requeues`; the same
+  count bounds submitit's requeues through `checkpoint()`. A finished run, a failed one (exit 2, 3
+  or a crash) and a cancelled one are never requeued. A requeued job resumes from last.pt in the
+  same run dir and continues the same wandb run.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from cifar_dist.atomic import atomic_write
+from cifar_dist.config import ConfigError, load_config, parse_override
+
+SLURM_STATE_FILE = "slurm.json"
+EXIT_PREEMPTED = 75
+
+
+def require_submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("`cifar-dist slurm` needs the 'submitit' package: pip install -e .[slurm] "
+                          "(or use slurm/train.sbatch, which needs nothing but Slurm)") from None
+    return submitit
+
+
+def job_state(job_id: str) -> str:
+    """Slurm's JobState of a job (RUNNING, COMPLETING, ...), or UNKNOWN."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "UNKNOWN"
+    for field in out.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return "UNKNOWN"
+
+
+class RequeueLedger:
+    """The requeue count of one run, kept in <run dir>/slurm.json (written by rank 0)."""
+
+    def __init__(self, run_dir: Path, max_requeues: int):
+        self.path, self.max_requeues = Path(run_dir) / SLURM_STATE_FILE, max_requeues
+
+    def read(self) -> dict:
+        if self.path.is_file():
+            return json.loads(self.path.read_text())
+        return {"requeues": 0, "starts": 0, "status": "submitted", "exit_code": None, "log": []}
+
+    def update(self, **changes) -> dict:
+        state = {**self.read(), **changes}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(state, indent=2) + "\n"))
+        return state
+
+    def note(self, message: str, **changes) -> None:
+        print(f"cifar-dist slurm: {message}", flush=True)
+        state = self.read()
+        self.update(log=[*state["log"], f"{datetime.now().isoformat(timespec='seconds')} {message}"], **changes)
+
+    def may_requeue(self) -> bool:
+        return self.read()["requeues"] < self.max_requeues
+
+
+class SlurmTraining:
+    """The callable submitit runs in every task: one training run in run_dir (see the module notes)."""
+
+    def __init__(self, config_path: str | None, overrides: list[str], run_dir: str, max_requeues: int):
+        self.config_path, self.overrides = config_path, list(overrides)
+        self.run_dir, self.max_requeues = run_dir, max_requeues
+
+    def __call__(self) -> int:
+        import submitit
+
+        from cifar_dist.train import train_main
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        job_id = submitit.JobEnvironment().job_id
+        is_main = os.environ["RANK"] == "0"
+        ledger = RequeueLedger(Path(self.run_dir), self.max_requeues)
+        if is_main:
+            ledger.update(starts=ledger.read()["starts"] + 1, status="running", job_id=job_id)
+        code = train_main(self.config_path, [*self.overrides, f"run.dir={self.run_dir}"])
+        if is_main:
+            self._after(code, job_id, ledger)
+        if code not in (0, EXIT_PREEMPTED):
+            raise RuntimeError(f"training in {self.run_dir} ended with exit code {code}; not requeued")
+        return code
+
+    def _after(self, code: int, job_id: str, ledger: RequeueLedger) -> None:
+        if code != EXIT_PREEMPTED:
+            ledger.update(status="finished" if code == 0 else "failed", exit_code=code)
+            return
+        state = job_state(job_id)
+        if state != "RUNNING":
+            ledger.note(f"stopped with last.pt written; Slurm is ending the job itself (JobState={state}): "
+                        "it requeues it after a preemption or `scontrol requeue`, not after `scancel`",
+                        status="stopped", exit_code=code)
+        elif not ledger.may_requeue():
+            ledger.note(f"stopped with last.pt written; not requeued: --max-requeues {self.max_requeues} "
+                        "reached. Resubmit the same command to continue", status="stopped", exit_code=code)
+        else:
+            count = ledger.read()["requeues"] + 1
+            ledger.note(f"stopped with last.pt written; requeueing job {job_id} "
+                        f"({count} of at most {self.max_requeues})", requeues=count, status="requeued",
+                        exit_code=code)
+            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+
+    def checkpoint(self):
+        """submitit's SIGUSR2 handler calls this outside the training loop: requeue while allowed."""
+        import submitit
+
+        ledger = RequeueLedger(Path(self.run_dir), self.max_requeues)
+        if not ledger.may_requeue():
+            ledger.note(f"signal outside the training loop; not requeued: --max-requeues {self.max_requeues} reached",
+                        status="stopped")
+            return None
+        ledger.note("signal outside the training loop; submitit requeues the job",
+                    requeues=ledger.read()["requeues"] + 1, status="requeued")
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def sbatch_refusal(script: str) -> str | None:
+    """Slurm's one-line objection to an sbatch script (`sbatch --test-only`: nothing is submitted), or None."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "check.sh"
+        path.write_text(script)
+        result = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=120)
+    if result.returncode == 0:
+        return None
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    return lines[0] if lines else f"sbatch --test-only exited with {result.returncode}"
+
+
+def sweep_points(sweeps: list[str]) -> list[list[str]]:
+    """`key=v1,v2` (repeatable) → the cartesian product as lists of overrides; [[]] without sweeps."""
+    axes = []
+    for text in sweeps:
+        key, _, raw = parse_override(text)
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        if not values:
+            raise ConfigError(f"--sweep {text!r}: expected key=value1,value2,...")
+        axes.append([f"{key}={v}" for v in values])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def point_name(point: list[str]) -> str:
+    return ",".join(o.split(".")[-1] for o in point) or "run"
+
+
+def executor_for(args, folder: Path, tasks_per_node: int):
+    submitit = require_submitit()
+    executor = submitit.AutoExecutor(folder=folder, cluster=None if args.cluster == "slurm" else args.cluster)
+    extra = dict(item.split("=", 1) for item in args.sbatch)
+    slurm = {"slurm_partition": args.partition, "slurm_account": args.account, "slurm_qos": args.qos,
+             "slurm_constraint": args.constraint, "slurm_exclude": args.exclude}  # the cluster's defaults when None
+    parameters = dict(
+        name=args.name, nodes=args.nodes, tasks_per_node=tasks_per_node, gpus_per_node=args.gpus_per_node or None,
+        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, timeout_min=args.time_min,
+        slurm_signal_delay_s=args.signal_delay_s, slurm_array_parallelism=args.array_parallelism,
+        slurm_additional_parameters={"requeue": True, **extra}, **slurm)
+    executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
+    return executor
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from cifar_dist.cli import KEYS_HINT
+
+    parser = argparse.ArgumentParser(prog="cifar-dist slurm", description=__doc__.split("\n\n")[0],
+                                     epilog=KEYS_HINT)
+    add = parser.add_argument
+    add("--config", help="YAML config file")
+    add("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    add("--nodes", type=int, default=1)
+    add("--gpus-per-node", type=int, default=0, help="0 on CPU partitions")
+    add("--tasks-per-node", type=int, default=0, help="default: one per GPU, or 1 without GPUs")
+    add("--cpus-per-task", type=int, default=None)
+    add("--mem-gb", type=float, default=None)
+    add("--partition"), add("--account"), add("--qos"), add("--constraint"), add("--exclude")
+    add("--time-min", type=int, default=60, help="time limit of each job, minutes")
+    add("--signal-delay-s", type=int, default=120, help="SIGUSR2 this long before the time limit")
+    add("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option (repeatable)")
+    add("--cluster", choices=("slurm", "local", "debug"), default="slurm",
+        help="local and debug run submitit's jobs on this machine, without Slurm")
+    add("--max-requeues", type=int, default=10, help="requeues after time-limit signals, per run")
+    add("--root", default="runs/slurm", help="shared folder for run dirs and submitit logs")
+    add("--name", default="cifar_dist", help="Slurm job name")
+    add("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="sweep a key (repeatable): a job array")
+    add("--array-parallelism", type=int, default=16, help="array jobs running at once")
+    add("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    args = parser.parse_args(argv)
+    bad = [item for item in args.sbatch if "=" not in item or item.startswith("=")]
+    if bad:
+        parser.error(f"--sbatch takes KEY=VALUE (e.g. --sbatch mail-type=END); got {', '.join(bad)}")
+    return args
+
+
+def submit(argv: list[str]) -> int:
+    """Submit the run (or the sweep's array); print job ids, run dirs and how to follow the logs."""
+    args = parse_args(argv)
+    points = sweep_points(args.sweep)
+    for point in points:  # check every config before anything is written or submitted
+        load_config(args.config, [*args.overrides, *point])
+    root = Path(args.root).resolve()
+    if str(root).startswith("/tmp"):
+        print(f"warning: --root {root} lies under /tmp, which compute nodes do not share; "
+              "pick a shared folder for real clusters", file=sys.stderr)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    batch = root / f"{args.name}-{stamp}"
+    tasks_per_node = args.tasks_per_node or max(1, args.gpus_per_node)
+    config_path = str(Path(args.config).resolve()) if args.config else None
+    callables = []
+    for index, point in enumerate(points):
+        run_dir = batch / (f"{index:03d}-{point_name(point)}" if args.sweep else "run")
+        wandb_name = [f"logging.wandb.name={args.name}-{point_name(point)}"] if args.sweep else []
+        callables.append(SlurmTraining(config_path, [*args.overrides, *point, *wandb_name], str(run_dir),
+                                       args.max_requeues))
+    executor = executor_for(args, batch / "submitit", tasks_per_node)
+    script = executor._executor._make_submission_file_text("<python -m submitit.core._submit FOLDER>", "dry")
+    try:
+        if args.dry_run:
+            print(script)
+            return 0
+        if args.cluster == "slurm":
+            refusal = sbatch_refusal(script)
+            if refusal:
+                print(f"cifar-dist slurm: error: sbatch refused the job: {refusal}", file=sys.stderr)
+                return 2
+        with executor.batch():
+            jobs = [executor.submit(job) for job in callables]
+    finally:
+        if not any(batch.rglob("*.pkl")):  # nothing submitted: leave nothing behind
+            shutil.rmtree(batch, ignore_errors=True)
+    for job, training in zip(jobs, callables):
+        print(f"submitted job {job.job_id}: run dir {training.run_dir}\n  follow: tail -f {job.paths.stdout}")
+    return 0
+

@@ -1,0 +1,110 @@
+"""`cifar-dist sweep-summary DIR`: one table of every run under DIR (a sweep, or any folder of runs).
+
+A run is a folder with the config.yaml the trainer writes. Its row: the keys whose values differ
+between the runs (the swept ones), best and final val accuracy of the model and its EMA, epochs,
+images/s and a status (finished: final.json written; failed: exit 2, 3 or a crash recorded in
+slurm.json; stopped or requeued: as slurm.json says; else running).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from cifar_dist.atomic import atomic_write
+
+SUMMARY_NAME = "sweep_summary"
+METRIC_COLUMNS = ["status", "epochs", "best_val_acc", "final_val_acc", "best_ema_val_acc", "final_ema_val_acc",
+                  "images_per_s"]
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if not isinstance(value, list) else str(value)
+    return flat
+
+
+def run_status(run_dir: Path) -> str:
+    if (run_dir / "final.json").is_file():
+        return "finished"
+    slurm = run_dir / "slurm.json"
+    if slurm.is_file():
+        state = json.loads(slurm.read_text())
+        return state.get("status", "running")
+    return "running"
+
+
+def run_row(run_dir: Path) -> tuple[dict, dict]:
+    """(flattened config, metrics) of one run."""
+    import pandas as pd
+
+    config = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    row = {"run": str(run_dir), "status": run_status(run_dir), "epochs": 0}
+    summary = run_dir / "summary.csv"
+    if summary.is_file():
+        history = pd.read_csv(summary)
+        row["epochs"] = len(history)
+        for column, name in (("val_acc", "val_acc"), ("ema_val_acc", "ema_val_acc")):
+            if column in history:
+                row[f"best_{name}"], row[f"final_{name}"] = history[column].max(), history[column].iloc[-1]
+        if "images_per_s" in history:
+            row["images_per_s"] = history["images_per_s"].mean()
+    return config, row
+
+
+def collect(root: Path):
+    """A pandas table, one row per run under root, with the swept keys as leading columns."""
+    import pandas as pd
+
+    runs = sorted({path.parent for path in Path(root).rglob("config.yaml")})
+    if not runs:
+        raise FileNotFoundError(f"no runs under {root}: expected folders holding the config.yaml the trainer writes")
+    configs, rows = zip(*(run_row(run) for run in runs))
+    keys = sorted({key for config in configs for key in config})
+    swept = [key for key in keys if len({str(config.get(key)) for config in configs}) > 1 and key != "run.name"]
+    table = pd.DataFrame([{**{key: config.get(key) for key in swept}, **row} for config, row in zip(configs, rows)])
+    columns = swept + [c for c in METRIC_COLUMNS if c in table] + ["run"]
+    return table[columns]
+
+
+def to_markdown(table) -> str:
+    """A pipe table (no extra dependency)."""
+    def cell(value) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cifar-dist sweep-summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, help="folder holding the runs (e.g. a sweep's folder under runs/slurm)")
+    parser.add_argument("--sort-by", default="best_val_acc", help="column to sort by, descending")
+    parser.add_argument("--out", type=Path, help="folder for sweep_summary.csv/.md (default: root)")
+    args = parser.parse_args(argv)
+    try:
+        table = collect(args.root)
+    except FileNotFoundError as err:
+        print(f"cifar-dist sweep-summary: error: {err}", file=sys.stderr)
+        return 2
+    if args.sort_by not in table:
+        print(f"cifar-dist sweep-summary: error: --sort-by {args.sort_by!r} is not a column; "
+              f"columns: {', '.join(table.columns)}", file=sys.stderr)
+        return 2
+    table = table.sort_values(args.sort_by, ascending=False, kind="stable")
+    out = args.out or args.root
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / f"{SUMMARY_NAME}.csv", lambda tmp: table.to_csv(tmp, index=False))
+    markdown = to_markdown(table)
+    atomic_write(out / f"{SUMMARY_NAME}.md", lambda tmp: tmp.write_text(markdown))
+    print(markdown, end="")
+    print(f"wrote {out / SUMMARY_NAME}.csv and .md")
+    return 0

@@ -1,0 +1,68 @@
+"""Test-only models, registered on import (the trainer imports this module through
+`run.imports=[tiny_models]` with tests/scripts on PYTHONPATH, or train_run.py imports it).
+
+`tiny_nobn` (no BatchNorm, no dropout); `nan_after` (its logits turn NaN after NAN_AFTER training
+forwards, to exercise the non-finite-loss guard); `overflow_first` (its gradient is infinite in the
+first OVERFLOW_STEPS backward passes while the loss stays finite, as after an fp16 overflow).
+"""
+import os
+
+import torch
+from torch import nn
+
+from cifar_dist.models import register_model
+
+
+class TinyNoBN(nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class NanAfter(TinyNoBN):
+    def __init__(self, num_classes: int, after: int):
+        super().__init__(num_classes)
+        self.after, self.calls = after, 0
+
+    def forward(self, x):
+        logits = super().forward(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                logits = logits * float("nan")
+        return logits
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward; the gradient of the first `budget[0]` backward passes is infinite."""
+
+    @staticmethod
+    def forward(ctx, x, budget):
+        ctx.budget = budget
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.budget[0] > 0:
+            ctx.budget[0] -= 1
+            return grad * float("inf"), None
+        return grad, None
+
+
+class OverflowFirst(TinyNoBN):
+    def __init__(self, num_classes: int, steps: int):
+        super().__init__(num_classes)
+        self.budget = [steps]
+
+    def forward(self, x):
+        return InfiniteGradient.apply(super().forward(x), self.budget)
+
+
+register_model("tiny_nobn")(lambda num_classes: TinyNoBN(num_classes))
+register_model("nan_after")(lambda num_classes: NanAfter(num_classes, int(os.environ.get("NAN_AFTER", "10"))))
+register_model("overflow_first")(
+    lambda num_classes: OverflowFirst(num_classes, int(os.environ.get("OVERFLOW_STEPS", "20"))))
