@@ -6,6 +6,10 @@ import sys
 
 from cifar_dist.config import ConfigError, load_config
 from cifar_dist.data.cifar import DataError
+from cifar_dist.inference.inputs import LABEL_FORMATS
+from cifar_dist.inference.methods import METHODS
+
+EXPORT_FORMATS = ("onnx", "torchscript")  # `inference.export` imports torch, so they are named here
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -23,6 +27,33 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (defaults apply to keys it leaves out)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="dotted config overrides, e.g. train.epochs=3 data.loader=gpu")
+
+
+def _add_inference_common(parser: argparse.ArgumentParser, what: str = "checkpoint", batch_size: int = 500,
+                          batch_help: str = "images per forward pass") -> None:
+    parser.add_argument("--weights", choices=("model", "ema"),
+                        help="which weights of a cifar_dist checkpoint (default: the EMA when it has one)")
+    parser.add_argument("--batch-size", type=_positive_int, default=batch_size,
+                        help=f"{batch_help} (default {batch_size})")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help=f"overrides of the {what}'s config, e.g. data.root=../shared/data data.loader=gpu "
+                             "train.device=cpu")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return int(text)
+
+
+def _tta_level(text: str):
+    if text not in ("0", "1", "2", "heavy"):  # engine.evaluation.TTA_LEVELS, named here to keep torch unloaded
+        raise argparse.ArgumentTypeError(f"expected 0, 1, 2 or heavy; got {text!r}")
+    return text if text == "heavy" else int(text)
+
+
+TTA_HELP = ("test-time augmentation, softmax averaged over the views: 0 none, 1 + mirror, 2 + mirrors of ±1 px "
+            "translations (airbench weights), heavy + ±2 px translations in 4 directions and their mirrors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +74,51 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--batch-size", type=int, default=128, help="batch size for the memory figure")
     summary.add_argument("--device", default="cpu")
     _add_common(summary)
+
+    evaluate = command("evaluate", "accuracy, loss, per-class precision/recall/F1, confusion matrix and calibration "
+                                   "of a checkpoint on a split (also under torchrun -m cifar_dist evaluate)")
+    evaluate.add_argument("--checkpoint", required=True, help="a run's .pt file, or a reference best_ema_model.pth")
+    evaluate.add_argument("--split", choices=("val", "test"), default="val")
+    evaluate.add_argument("--tta", type=_tta_level, default=0, help=TTA_HELP + " (default 0)")
+    evaluate.add_argument("--out", help="output folder (default: eval-<checkpoint>-<weights>-<split>-tta<level> "
+                                        "beside the checkpoint)")
+    _add_inference_common(evaluate)
+
+    predict = command("predict", "labels for a file of images as an ID,Labels CSV, in the file's id order")
+    predict.add_argument("--checkpoint", required=True, help="a run's .pt file, or a reference best_ema_model.pth")
+    predict.add_argument("--data", required=True, help="the official test_batch, an unlabeled competition pickle "
+                                                       "(data, ids) or an .npz (x_test or images)")
+    predict.add_argument("--method", choices=METHODS, default="plain",
+                         help="plain; tta; class_specialized: per-class logit offsets fitted on the val split; "
+                              "adaptive: plain where confident, else TTA with offsets (threshold fitted on val)")
+    predict.add_argument("--tta", type=_tta_level, default=2, help=TTA_HELP + " (for tta and adaptive; default 2)")
+    predict.add_argument("--out", default="submission.csv", help="the CSV to write (default submission.csv)")
+    predict.add_argument("--probs", help="also write the probabilities (N × classes, float32) to this .npy")
+    predict.add_argument("--label-format", choices=LABEL_FORMATS, default="index",
+                         help="labels as class indices 0-9 or class names")
+    _add_inference_common(predict)
+
+    ensemble = command("ensemble", "checkpoints by averaging probabilities, or submission CSVs by majority vote "
+                                   "(a tie goes to the earliest file)")
+    sources = ensemble.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--checkpoint", action="append", help="a member checkpoint (repeat the option)")
+    sources.add_argument("--csv", nargs="+", help="submission CSVs with the same ids in the same order")
+    ensemble.add_argument("--data", help="with --checkpoint: the file of images to predict (as for predict)")
+    ensemble.add_argument("--tta", type=_tta_level, default=0, help=TTA_HELP + " (for each member; default 0)")
+    ensemble.add_argument("--out", default="ensemble.csv", help="the CSV to write (default ensemble.csv)")
+    ensemble.add_argument("--probs", help="with --checkpoint: also write the mean probabilities to this .npy")
+    ensemble.add_argument("--label-format", choices=LABEL_FORMATS, default="index")
+    _add_inference_common(ensemble, "members'")
+
+    export = command("export", "a checkpoint as an ONNX or TorchScript model taking uint8 pixels, run beside "
+                               "eager to check it")
+    export.add_argument("--checkpoint", required=True, help="a run's .pt file, or a reference best_ema_model.pth")
+    export.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    export.add_argument("--out", help="the file to write (default: <checkpoint>-<weights>.onnx or .torchscript.pt "
+                                      "beside the checkpoint)")
+    export.add_argument("--dynamic-batch", action="store_true", help="any batch size (checked with two sizes)")
+    _add_inference_common(export, batch_size=1, batch_help="the batch size of the export (without --dynamic-batch) "
+                                                          "and of its check")
     for name, help in DELEGATED.items():  # commands with parsers of their own: `cifar-dist NAME --help`
         commands.add_parser(name, help=help, add_help=False)
     return parser
@@ -86,6 +162,46 @@ def run_model_summary(args) -> int:
     return 0
 
 
+def run_evaluate(args) -> int:
+    from cifar_dist.inference.evaluate import evaluate
+
+    evaluate(args.checkpoint, args.split, args.tta, args.out, args.weights, args.batch_size, args.overrides)
+    return 0
+
+
+def run_predict(args) -> int:
+    from cifar_dist.inference.predict import predict
+
+    predict(args.checkpoint, args.data, args.method, args.tta, args.out, args.probs, args.weights,
+            args.label_format, args.batch_size, args.overrides)
+    return 0
+
+
+def run_ensemble(args) -> int:
+    from cifar_dist.inference.ensemble import ensemble_checkpoints, vote_submissions
+
+    if args.csv:
+        vote_submissions(args.csv, args.out, args.label_format)
+        return 0
+    if not args.data:
+        raise ConfigError("ensemble --checkpoint needs --data FILE: the images to predict")
+    ensemble_checkpoints(args.checkpoint, args.data, args.out, args.probs, args.tta, args.weights,
+                         args.label_format, args.batch_size, args.overrides)
+    return 0
+
+
+def run_export(args) -> int:
+    from cifar_dist.inference.export import ExportMismatch, export
+
+    try:
+        export(args.checkpoint, args.format, args.out, args.weights, args.dynamic_batch, args.batch_size,
+               args.overrides)
+    except ExportMismatch as err:
+        print(f"cifar-dist export: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_slurm(args) -> int:
     from cifar_dist.launchers.slurm import submit
 
@@ -99,7 +215,16 @@ def run_sweep_summary(args) -> int:
 
 
 COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "model-summary": run_model_summary,
+            "evaluate": run_evaluate, "predict": run_predict, "ensemble": run_ensemble, "export": run_export,
             "slurm": run_slurm, "sweep-summary": run_sweep_summary}
+
+
+def _is_user_error(err: Exception) -> bool:
+    """Bad input (a config, data file or checkpoint), reported in one line with exit code 2."""
+    if isinstance(err, (ConfigError, DataError)):
+        return True
+    checkpoint = sys.modules.get("cifar_dist.engine.checkpoint")  # only loaded (with torch) when one was read
+    return checkpoint is not None and isinstance(err, checkpoint.CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError) as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
         print(f"cifar-dist {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -309,6 +309,11 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] = ()) 
         if not isinstance(mapping, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(mapping).__name__}")
         _apply_mapping(cfg, mapping, str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Dotted key=value overrides applied to cfg in place (e.g. to a checkpoint's config); validated."""
     for text in overrides:
         key, value, raw = parse_override(text)
         _set_key(cfg, key, value, "command-line override", raw)

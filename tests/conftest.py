@@ -87,6 +87,18 @@ def decode_ids(images_nchw) -> np.ndarray:
     return first[:, 0] + 256 * first[:, 1]
 
 
+def shifted(images, dy: int, dx: int):
+    """out[i, j] = in[reflect(i + dy), reflect(j + dx)] of an N × C × S × S batch, by explicit index lists."""
+    size = images.shape[-1]
+
+    def reflect(k: int) -> int:
+        return -k if k < 0 else (2 * (size - 1) - k if k >= size else k)
+
+    rows = [reflect(i + dy) for i in range(size)]
+    cols = [reflect(j + dx) for j in range(size)]
+    return images[:, :, rows][:, :, :, cols]
+
+
 def balanced_labels(count: int) -> np.ndarray:
     return np.arange(count) % 10
 

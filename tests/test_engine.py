@@ -14,7 +14,7 @@ from cifar_dist.engine.ema import EMA, NoEMA
 from cifar_dist.engine.evaluation import evaluate, tta_logits, tta_views
 from cifar_dist.engine.optim import build_optimizer, lr_factor, parameter_groups, sgd_rates
 from cifar_dist.models import build_model
-from conftest import REPO, run_torchrun
+from conftest import REPO, run_torchrun, shifted
 
 
 def small_net() -> nn.Module:
@@ -157,18 +157,6 @@ def test_batch_division_and_sync_bn_rules():
 
 
 # --- TTA ---------------------------------------------------------------------------------------
-
-def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """out[i, j] = in[reflect(i + dy), reflect(j + dx)], by explicit index lists."""
-    size = images.shape[-1]
-
-    def reflect(k: int) -> int:
-        return -k if k < 0 else (2 * (size - 1) - k if k >= size else k)
-
-    rows = [reflect(i + dy) for i in range(size)]
-    cols = [reflect(j + dx) for j in range(size)]
-    return images[:, :, rows][:, :, :, cols]
-
 
 def test_tta_views_and_weights_by_hand():
     torch.manual_seed(0)

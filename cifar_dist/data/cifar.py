@@ -211,16 +211,20 @@ def load_cifar10(root: str | Path, download: bool = False, npz_name: str = "cifa
     return arrays
 
 
-def read_unlabeled(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A competition test pickle: {b'data': (N, 3072) rows or (N, 32, 32, 3), b'ids': ...} → (NHWC, ids)."""
+def read_image_pickle(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A pickle of test images → (NHWC uint8, ids, labels or None).
+
+    The official test batch (`data` rows, `labels`) or a competition test pickle (`data` as
+    (N, 3072) rows or (N, 32, 32, 3), `ids`); keys may be str or bytes. Without ids, 0..N-1.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file; expected an unlabeled test pickle (cifar_test_nolabels.pkl)")
+        raise DataError(f"{path}: no such file; expected a pickle of test images (test_batch, cifar_test.pkl)")
     batch = load_pickle_bytes(path.read_bytes(), str(path))
     try:
         data = np.asarray(_get(batch, "data"))
     except KeyError:
-        raise DataError(f"{path}: missing key 'data'") from None
+        raise DataError(f"{path}: missing key 'data' (found {', '.join(map(repr, batch))})") from None
     if data.ndim == 4 and data.shape[1:] == (32, 32, 3):
         images = np.ascontiguousarray(data)
     else:
@@ -233,4 +237,16 @@ def read_unlabeled(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         ids = np.arange(len(images))
     if len(ids) != len(images):
         raise DataError(f"{path}: {len(ids)} ids for {len(images)} images")
+    try:
+        labels = np.asarray(_get(batch, "labels"))
+    except KeyError:
+        labels = None
+    if labels is not None and labels.shape != (len(images),):
+        raise DataError(f"{path}: expected {len(images)} labels, found shape {labels.shape}")
+    return images, ids, labels
+
+
+def read_unlabeled(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A competition test pickle: {b'data': (N, 3072) rows or (N, 32, 32, 3), b'ids': ...} → (NHWC, ids)."""
+    images, ids, _ = read_image_pickle(path)
     return images, ids

@@ -13,6 +13,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -20,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cifar_dist.augment.pipeline import EvalTransform, TrainAugment
 from cifar_dist.augment.recipe import check_loader_support, device_part
 from cifar_dist.config import Config, ConfigError
-from cifar_dist.data.loaders import build_loader
+from cifar_dist.data.loaders import GpuLoader, build_loader
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.engine.ema import EMA, NoEMA
 from cifar_dist.engine.optim import build_optimizer, sgd_rates
@@ -130,6 +131,15 @@ def build_eval_input(cfg: Config, env: DistEnv, split: str, batch_size: int) -> 
     """An evaluation loader over one split (each rank a contiguous shard, every image once) and its transform."""
     loader = build_loader(cfg.data, split, batch_size, train=False, rank=env.rank, world_size=env.world_size,
                           device=env.device, channels_last=cfg.train.channels_last)
+    return loader, EvalTransform(cfg.train.channels_last)
+
+
+def build_array_input(cfg: Config, env: DistEnv, images: np.ndarray, batch_size: int,
+                      labels: np.ndarray | None = None) -> tuple[GpuLoader, EvalTransform]:
+    """An evaluation loader over NHWC uint8 images in memory (a file to predict), sharded like a split."""
+    labels = np.zeros(len(images), dtype=np.int64) if labels is None else labels
+    loader = GpuLoader(images, labels, batch_size, train=False, seed=0, rank=env.rank, world_size=env.world_size,
+                       device=env.device, channels_last=cfg.train.channels_last)
     return loader, EvalTransform(cfg.train.channels_last)
 
 

@@ -49,16 +49,21 @@ def save(state: dict, path: Path, keep_previous: bool = False) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp), keep_previous=previous)
 
 
-def load(path: Path, map_location="cpu") -> dict:
-    """Read a checkpoint written by `save`, or raise CheckpointError saying why."""
+def read(path: Path, map_location="cpu"):
+    """Whatever a `torch.save` file holds (a checkpoint, a bare state dict), or CheckpointError saying why not."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # truncated zip, unpickling error, ...
         raise CheckpointError(f"checkpoint {path} is corrupt or not a cifar_dist checkpoint "
-                              f"({type(err).__name__}: {err})") from None
+                              f"({type(err).__name__}: {' '.join(str(err).split())})") from None
+
+
+def load(path: Path, map_location="cpu") -> dict:
+    """Read a checkpoint written by `save`, or raise CheckpointError saying why."""
+    state = read(path, map_location)
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a cifar_dist checkpoint of format {FORMAT_VERSION}")
     return state

@@ -1,6 +1,7 @@
 """Process-group set-up from torchrun's or Slurm's environment, and the collectives we use."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from dataclasses import dataclass
@@ -79,6 +80,16 @@ def init_distributed(device_preference: str = "auto", timeout_min: float = 30.0)
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device_preference: str = "auto"):
+    """`init_distributed` on entry, `shutdown` on exit: for the commands besides training."""
+    env = init_distributed(device_preference)
+    try:
+        yield env
+    finally:
+        shutdown()
 
 
 def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -9,18 +9,20 @@ from torch import nn
 
 from cifar_dist.engine.distributed import all_reduce_
 
-TTA_LEVELS = (0, 1, 2)
+TTA_LEVELS = (0, 1, 2, "heavy")
 
 
-def tta_views(images: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
-    """(weight, view) pairs of airbench's test-time augmentation; the weights sum to 1.
+def tta_views(images: torch.Tensor, level: int | str) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs of test-time augmentation; the weights sum to 1.
 
-    0: the image. 1: the image and its mirror, ½ each. 2: those two weighted ½ in all, plus the
-    image shifted one pixel up-left and one down-right (reflect padding) and their mirrors,
-    weighted ½ in all: ¼, ¼, ⅛, ⅛, ⅛, ⅛. Views keep the input's memory format.
+    0: the image. 1: the image and its mirror, ½ each. 2 (airbench): those two weighted ½ in all,
+    plus the image shifted one pixel up-left and one down-right (reflect padding) and their
+    mirrors, weighted ½ in all: ¼, ¼, ⅛, ⅛, ⅛, ⅛. "heavy": level 2's six views weighted ¾ in all,
+    plus the image shifted two pixels up, down, left and right and their mirrors, 1/32 each.
+    Views keep the input's memory format.
     """
     if level not in TTA_LEVELS:
-        raise ValueError(f"TTA level must be one of {TTA_LEVELS}; got {level}")
+        raise ValueError(f"TTA level must be one of {', '.join(map(str, TTA_LEVELS))}; got {level!r}")
     if level == 0:
         return [(1.0, images)]
     memory_format = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) \
@@ -33,10 +35,17 @@ def tta_views(images: torch.Tensor, level: int) -> list[tuple[float, torch.Tenso
     for shifted in (padded[..., :-2, :-2], padded[..., 2:, 2:]):
         shifted = shifted.contiguous(memory_format=memory_format)
         views += [(0.125, shifted), (0.125, shifted.flip(-1).contiguous(memory_format=memory_format))]
+    if level == 2:
+        return views
+    views = [(weight * 0.75, view) for weight, view in views]
+    padded = F.pad(images, (2, 2, 2, 2), mode="reflect")
+    for shifted in (padded[..., 4:, 2:-2], padded[..., :-4, 2:-2], padded[..., 2:-2, 4:], padded[..., 2:-2, :-4]):
+        shifted = shifted.contiguous(memory_format=memory_format)
+        views += [(1 / 32, shifted), (1 / 32, shifted.flip(-1).contiguous(memory_format=memory_format))]
     return views
 
 
-def tta_logits(model: nn.Module, images: torch.Tensor, level: int) -> torch.Tensor:
+def tta_logits(model: nn.Module, images: torch.Tensor, level: int | str) -> torch.Tensor:
     """Weighted mean of the logits of the TTA views (the speed records average logits)."""
     return sum(weight * model(view).float() for weight, view in tta_views(images, level))
 

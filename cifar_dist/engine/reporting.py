@@ -4,7 +4,7 @@ Files under the run folder:
   metrics.jsonl          one JSON line per epoch; always equal to the logger's history
   summary.csv            the same history as a table, one row per epoch
   training_history.png   loss and accuracy curves (train, val, EMA val)
-  per_class.csv          per-class accuracy of the model and its EMA, after training
+  per_class.csv          per-class accuracy, precision, recall, F1 of the model and its EMA, and support
   confusion_matrix.csv   rows: actual class, columns: predicted class
   final.json             accuracy and loss at the end, model and EMA, without and with TTA
   wandb/offline-run-*    with logging.wandb.mode=offline; upload later with `wandb sync`
@@ -46,6 +46,7 @@ _SUMMARY_GROUPS = (
     ("", (("images_per_s", "{:.0f} img/s"), ("epoch_s", "{:.1f} s"))),
     ("", (("peak_memory_mb", "peak {:.0f} MB"),)),
 )
+_SCORES = ("precision", "recall", "f1")  # per-class columns added by log_final's scores
 _CURVES = (("train", "train_{}"), ("val", "val_{}"), ("EMA val", "ema_val_{}"))
 WANDB_DEFAULT_URL = "https://api.wandb.ai"
 WANDB_PROBE_TIMEOUT_S = 5.0
@@ -218,11 +219,12 @@ class RunLogger:
         self._write_summary_and_plot()
 
     def log_final(self, per_class: dict, confusion: list[list[int]], class_names: list[str],
-                  final: dict | None = None) -> None:
+                  final: dict | None = None, scores: dict | None = None) -> None:
         """Write and print per-class accuracy, the confusion matrix and the final accuracies; log them to wandb.
 
         per_class: {"model": [accuracy per class], "ema": [...]}; confusion[actual][predicted] counts;
-        final: {"model": {"acc": ..., "loss": ...}, "ema_tta2": {...}, ...}.
+        final: {"model": {"acc": ..., "loss": ...}, "ema_tta2": {...}, ...}; scores: {"model":
+        {"precision": [...], "recall": [...], "f1": [...], "support": [...]}, ...} adds those columns.
         """
         if not self.enabled:
             return
@@ -234,16 +236,23 @@ class RunLogger:
         columns = ["class"] + [f"{name}_acc" for name in per_class]
         rows = [[class_name] + [_plain(per_class[name][index]) for name in per_class]
                 for index, class_name in enumerate(class_names)]
+        if scores:
+            columns += [f"{kind}_{metric}" for kind in scores for metric in _SCORES] + ["support"]
+            for index, row in enumerate(rows):
+                row += [_plain(scores[kind][metric][index]) for kind in scores for metric in _SCORES]
+                row.append(int(next(iter(scores.values()))["support"][index]))
         _write_csv(self.run_dir / PER_CLASS_FILE, columns, rows)
         confusion_rows = [[class_name] + [int(count) for count in counts]
                           for class_name, counts in zip(class_names, confusion)]
         _write_csv(self.run_dir / CONFUSION_FILE, ["actual/predicted"] + list(class_names), confusion_rows)
 
         name_width = max(len(name) for name in columns[:1] + list(class_names))
-        print("per-class accuracy", flush=True)
-        print(" ".join([f"{'class':<{name_width}}"] + [f"{name:>8}" for name in per_class]))
+        widths = [max(8, len(column)) for column in columns[1:]]
+        print("per-class results" if scores else "per-class accuracy", flush=True)
+        print(" ".join([f"{'class':<{name_width}}"] + [f"{c:>{w}}" for c, w in zip(columns[1:], widths)]))
         for row in rows:
-            print(" ".join([f"{row[0]:<{name_width}}"] + [f"{acc:>8.4f}" for acc in row[1:]]))
+            print(" ".join([f"{row[0]:<{name_width}}"] + [f"{v:>{w}}" if isinstance(v, int) else f"{v:>{w}.4f}"
+                                                          for v, w in zip(row[1:], widths)]))
         sys.stdout.flush()
 
         if self._wandb_run is not None:

@@ -27,6 +27,7 @@ from cifar_dist.engine.evaluation import evaluate
 from cifar_dist.engine.reporting import RunLogger, check_wandb
 from cifar_dist.engine.run_dir import resolve_run_dir, write_run_description
 from cifar_dist.engine.stopping import INTERRUPT, StopRequests
+from cifar_dist.inference.metrics import per_class_scores
 
 
 class Outcome(enum.Enum):
@@ -255,14 +256,15 @@ class Trainer:
         return results
 
     def _final_report(self, plain: dict[str, dict]) -> None:
-        """Per-class results of the last epoch, and accuracy with TTA when train.tta > 0."""
+        """Per-class accuracy, precision, recall, F1 of the last epoch; accuracy with TTA when train.tta > 0."""
         tta_level = self.cfg.train.tta
         with_tta = self.evaluate(tta_level) if tta_level else {}
         final = {kind: {"acc": r["acc"], "loss": r["loss"], "count": r["count"]} for kind, r in plain.items()}
         final.update({f"{kind}_tta{tta_level}": {"acc": r["acc"], "loss": r["loss"], "count": r["count"]}
                       for kind, r in with_tta.items()})
         per_class = {kind: r["per_class_acc"] for kind, r in plain.items()}
-        self.logger.log_final(per_class, plain["model"]["confusion"], list(CLASS_NAMES), final)
+        scores = {kind: per_class_scores(r["confusion"]) for kind, r in plain.items()}
+        self.logger.log_final(per_class, plain["model"]["confusion"], list(CLASS_NAMES), final, scores)
 
 
 def peak_memory_mb(device: torch.device) -> float:
