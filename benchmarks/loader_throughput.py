@@ -21,7 +21,6 @@ shared machine one window can catch someone else's burst.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import os
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cifar_dist.atomic import atomic_write  # noqa: E402
+from cifar_dist.atomic import write_csv  # noqa: E402
 from cifar_dist.augment.pipeline import make_generator  # noqa: E402
 from cifar_dist.config import Config, load_config  # noqa: E402
 from cifar_dist.data.beton import prepare  # noqa: E402
@@ -153,19 +152,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rewrite path with a header and rows; a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows({key: row[key] for key in CSV_FIELDS} for row in rows)
-
-    atomic_write(path, write)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads > 0:
@@ -206,7 +192,8 @@ def main(argv=None) -> int:
           f"{args.num_workers} loader workers; first {args.warmup_batches} batches untimed "
           f"(FFCV's numba compilation, worker start-up)")
     print(format_table(rows))
-    write_csv(args.csv, rows)
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(args.csv, list(CSV_FIELDS), ([row[key] for key in CSV_FIELDS] for row in rows))
     print(f"wrote {args.csv}")
     return 0
 

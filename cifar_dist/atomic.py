@@ -1,9 +1,10 @@
 """The one way this package writes a file that others read: whole or not at all."""
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 def atomic_write(path: Path | str, write: Callable[[Path], object], fsync: bool = True,
@@ -34,3 +35,14 @@ def atomic_write(path: Path | str, write: Callable[[Path], object], fsync: bool 
         finally:
             os.close(fd)
     return path
+
+
+def write_csv(path: Path | str, columns: list[str], rows: Iterable, fsync: bool = False) -> Path:
+    """A CSV with a header row, written with atomic_write."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(columns)
+            writer.writerows(rows)
+
+    return atomic_write(path, write, fsync=fsync)

@@ -1,9 +1,7 @@
 """Readers, prepare (betons + manifest) and bad input, on the real data and on small written files."""
 from __future__ import annotations
 
-import io
 import json
-import os
 import pickle
 import signal
 import subprocess

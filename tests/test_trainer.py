@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -17,8 +16,8 @@ import torch
 from cifar_dist.config import ModelConfig, load_config
 from cifar_dist.engine import checkpoint
 from cifar_dist.models import build_model
-from conftest import (EXIT_DIVERGED, EXIT_PREEMPTED, REPO, SCRIPT, assert_bitwise_equal, free_port, run_torchrun,
-                      start_and_signal, states, tiny_args, torchrun_train, train)
+from conftest import (EXIT_DIVERGED, EXIT_PREEMPTED, REPO, SCRIPT, assert_bitwise_equal, free_port, start_and_signal,
+                      states, tiny_args, torchrun_train, train)
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_root, tmp_path_factory):

@@ -11,7 +11,6 @@ Files under the run folder:
 """
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import math
@@ -24,7 +23,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cifar_dist.atomic import atomic_write
+from cifar_dist.atomic import atomic_write, write_csv
 from cifar_dist.config import ConfigError, LoggingConfig, WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -241,10 +240,10 @@ class RunLogger:
             for index, row in enumerate(rows):
                 row += [_plain(scores[kind][metric][index]) for kind in scores for metric in _SCORES]
                 row.append(int(next(iter(scores.values()))["support"][index]))
-        _write_csv(self.run_dir / PER_CLASS_FILE, columns, rows)
+        write_csv(self.run_dir / PER_CLASS_FILE, columns, rows)
         confusion_rows = [[class_name] + [int(count) for count in counts]
                           for class_name, counts in zip(class_names, confusion)]
-        _write_csv(self.run_dir / CONFUSION_FILE, ["actual/predicted"] + list(class_names), confusion_rows)
+        write_csv(self.run_dir / CONFUSION_FILE, ["actual/predicted"] + list(class_names), confusion_rows)
 
         name_width = max(len(name) for name in columns[:1] + list(class_names))
         widths = [max(8, len(column)) for column in columns[1:]]
@@ -305,7 +304,7 @@ class RunLogger:
             return
         columns = list(dict.fromkeys(key for record in self.history for key in record))
         rows = [[record.get(key, "") for key in columns] for record in self.history]
-        _write_csv(self.run_dir / SUMMARY_FILE, columns, rows)
+        write_csv(self.run_dir / SUMMARY_FILE, columns, rows)
         if self.plot:
             try:
                 atomic_write(self.run_dir / PLOT_FILE, lambda tmp: _plot_history(self.history, tmp), fsync=False)
@@ -330,16 +329,6 @@ def _summary_line(record: dict) -> str:
         if values:
             groups.append(" ".join(([label] if label else []) + values))
     return " | ".join(groups)
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as csv_file:
-            writer = csv.writer(csv_file)
-            writer.writerow(columns)
-            writer.writerows(rows)
-
-    atomic_write(path, write, fsync=False)
 
 
 def _plot_history(history: list[dict], path: Path) -> None:

@@ -12,13 +12,12 @@ With TTA, probabilities are averaged over the views (softmax, then the weighted 
 """
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 
-from cifar_dist.atomic import atomic_write
+from cifar_dist.atomic import atomic_write, write_csv
 from cifar_dist.data.cifar import CLASS_NAMES
 from cifar_dist.engine.distributed import process_group
 from cifar_dist.inference import metrics, plots
@@ -26,16 +25,6 @@ from cifar_dist.inference.checkpoints import load_model
 from cifar_dist.inference.scoring import DEFAULT_BATCH_SIZE, Scorer, require_val_split
 
 NLL_FLOOR = 1e-12  # probability floor of the loss, so that one certain mistake does not make it infinite
-
-
-def _write_csv(path: Path, columns: list[str], rows) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            writer.writerows(rows)
-
-    atomic_write(path, write, fsync=False)
 
 
 def summarize(probs: np.ndarray, labels: np.ndarray) -> dict:
@@ -64,12 +53,12 @@ def write_report(out_dir: Path, results: dict, probs: np.ndarray, labels: np.nda
                  fsync=False)
     report = metrics.report_markdown(confusion, CLASS_NAMES)
     atomic_write(out_dir / "classification_report.md", lambda tmp: tmp.write_text(report), fsync=False)
-    _write_csv(out_dir / "per_class.csv", ["class", "precision", "recall", "f1", "support"],
+    write_csv(out_dir / "per_class.csv", ["class", "precision", "recall", "f1", "support"],
                [[name, row["precision"], row["recall"], row["f1"], row["support"]]
                 for name, row in results["per_class"].items()])
-    _write_csv(out_dir / "confusion_matrix.csv", ["actual/predicted", *CLASS_NAMES],
+    write_csv(out_dir / "confusion_matrix.csv", ["actual/predicted", *CLASS_NAMES],
                [[name, *counts] for name, counts in zip(CLASS_NAMES, confusion)])
-    _write_csv(out_dir / "predictions.csv", ["index", "label", "prediction", "confidence"],
+    write_csv(out_dir / "predictions.csv", ["index", "label", "prediction", "confidence"],
                zip(range(len(labels)), labels.tolist(), probs.argmax(axis=1).tolist(),
                    np.round(probs.max(axis=1).astype(np.float64), 6).tolist()))
     title = f"{results['checkpoint']} ({results['weights']}, {results['split']}, TTA {results['tta']})"

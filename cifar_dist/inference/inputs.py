@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_dist.atomic import atomic_write
+from cifar_dist.atomic import write_csv
 from cifar_dist.data.cifar import CLASS_NAMES, NUM_CLASSES, DataError, read_image_pickle, rows_to_nhwc
 
 SUBMISSION_HEADER = ["ID", "Labels"]
@@ -84,11 +84,7 @@ def read_image_file(path: str | Path) -> ImageFile:
 def write_submission(path: str | Path, ids: list[str], predictions: np.ndarray, label_format: str = "index") -> None:
     """`ID,Labels` rows in the order of ids; labels as class indices or class names."""
     labels = [CLASS_NAMES[p] if label_format == "name" else str(int(p)) for p in predictions]
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(SUBMISSION_HEADER)
-    writer.writerows(zip(ids, labels))
-    atomic_write(Path(path), lambda tmp: tmp.write_text(text.getvalue()), fsync=False)
+    write_csv(path, SUBMISSION_HEADER, zip(ids, labels))
 
 
 def _class_index(label: str) -> int | None:
