@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cifar_dist.engine import checkpoint
-from conftest import REPO, assert_bitwise_equal, free_port, states, tiny_args, train
+from conftest import REPO, assert_bitwise_equal, free_port, leftover_processes, states, tiny_args, train
 
 pytestmark = pytest.mark.slurm
 JOB_TIMEOUT_S = 240
@@ -30,8 +30,9 @@ def job_env(cluster) -> dict:
 
 def submit(cluster, root: Path, *args: str) -> list[tuple[str, Path]]:
     """`cifar-dist slurm --root root ...` → [(job id, run dir)], one per job it printed."""
+    env = job_env(cluster) if cluster is not None else {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "cifar_dist", "slurm", "--root", str(root), *args], cwd=REPO,
-                            capture_output=True, text=True, env=job_env(cluster), timeout=120)
+                            capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = re.findall(r"submitted job (\S+): run dir (\S+)", result.stdout)
     assert jobs and all(f"tail -f {root}" in result.stdout for _ in jobs), result.stdout
@@ -42,7 +43,8 @@ def wait_until(cluster, condition, what: str, timeout_s: float = JOB_TIMEOUT_S) 
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        cluster.release_requeued()
+        if cluster is not None:
+            cluster.release_requeued()
         time.sleep(0.5)
 
 
@@ -198,3 +200,17 @@ def test_two_node_processes_through_train_multinode(data_root, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert json.loads((tmp_path / "run" / "plan.json").read_text())["world_size"] == 2
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["val_count"] == 50
+
+
+def test_local_cluster_runs_the_job_on_this_machine_without_slurm(data_root, tmp_path):
+    root = tmp_path / "root"
+    [(_, run_dir)] = submit(None, root, "--cluster", "local", "--tasks-per-node", "2",
+                            *slurm_args(data_root, "train.epochs=1"))
+    wait_until(None, lambda: (run_dir / "slurm.json").is_file() and slurm_state(run_dir)["status"] == "finished",
+               "the local job to finish")
+    assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 2
+
+    def job_processes():  # submitit's controller and task processes name the job's folder
+        return [p for p in leftover_processes() if str(root) in " ".join(p.cmdline())]
+
+    wait_until(None, lambda: not job_processes(), "submitit's local job processes to end", timeout_s=60)
