@@ -141,6 +141,7 @@ def test_a_sweep_is_one_job_array_and_the_summary_lists_both_points(slurm_cluste
     table = pd.read_csv(batch / "sweep_summary.csv")
     assert list(table["train.lr"]) == [0.2, 0.05] and list(table["status"]) == ["finished", "finished"]
     assert list(table["epochs"]) == [1, 1] and table["best_val_acc"].between(0, 1).all()
+    assert table["end_model_acc"].between(0, 1).all() and table["end_ema_acc"].between(0, 1).all()
     assert "| train.lr |" in result.stdout and (batch / "sweep_summary.md").is_file()
     assert {json.loads((run_dir / "plan.json").read_text())["world_size"] for _, run_dir in jobs} == {1}
 

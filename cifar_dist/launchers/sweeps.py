@@ -2,8 +2,9 @@
 
 A run is a folder with the config.yaml the trainer writes. Its row: the keys whose values differ
 between the runs (the swept ones), best and final val accuracy of the model and its EMA, epochs,
-images/s and a status (finished: final.json written; failed: exit 2, 3 or a crash recorded in
-slurm.json; stopped or requeued: as slurm.json says; else running).
+images/s, the accuracies of final.json (`end_model_acc`, `end_ema_tta2_acc`, ...) and a status
+(finished: final.json written; failed: exit 2, 3 or a crash recorded in slurm.json; stopped or
+requeued: as slurm.json says; else running).
 """
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ def run_row(run_dir: Path) -> tuple[dict, dict]:
                 row[f"best_{name}"], row[f"final_{name}"] = history[column].max(), history[column].iloc[-1]
         if "images_per_s" in history:
             row["images_per_s"] = history["images_per_s"].mean()
+    final = run_dir / "final.json"
+    if final.is_file():  # the end of the run: model and EMA, without and with TTA
+        row.update({f"end_{kind}_acc": result["acc"] for kind, result in json.loads(final.read_text()).items()})
     return config, row
 
 
@@ -70,7 +74,8 @@ def collect(root: Path):
     keys = sorted({key for config in configs for key in config})
     swept = [key for key in keys if len({str(config.get(key)) for config in configs}) > 1 and key != "run.name"]
     table = pd.DataFrame([{**{key: config.get(key) for key in swept}, **row} for config, row in zip(configs, rows)])
-    columns = swept + [c for c in METRIC_COLUMNS if c in table] + ["run"]
+    end_columns = sorted(c for c in table if c.startswith("end_"))
+    columns = swept + [c for c in METRIC_COLUMNS if c in table] + end_columns + ["run"]
     return table[columns]
 
 
