@@ -1,9 +1,11 @@
-"""`cifar-dist <command> [--config FILE.yaml] [key.sub=value ...]`; `cifar-dist config` lists every key."""
+"""`cifar-dist <command> [--config FILE.yaml] [key.sub=value ...]`; `cifar-dist config` lists every key;
+`cifar-dist bench NAME [args]` runs a benchmark."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from cifar_dist.bench import BENCHMARKS
 from cifar_dist.config import ConfigError, load_config
 from cifar_dist.data.cifar import DataError
 
@@ -37,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--batch-size", type=int, default=128, help="batch size for the memory figure")
     summary.add_argument("--device", default="cpu")
     _add_common(summary)
+    bench = commands.add_parser("bench", help="run a benchmark; results go to benchmarks/results/<hardware>-<date>/",
+                                description="run a benchmark (`cifar-dist bench NAME --help` describes one); "
+                                            "results go to benchmarks/results/<hardware>-<date>/")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's arguments")
     return parser
 
 
@@ -78,7 +85,14 @@ def run_model_summary(args) -> int:
     return 0
 
 
-COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "model-summary": run_model_summary}
+def run_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(f"cifar_dist.bench.{args.name}").cli(args.args)
+
+
+COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "model-summary": run_model_summary,
+            "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
