@@ -1,9 +1,11 @@
-"""`cifar-dist <command> [--config FILE.yaml] [key.sub=value ...]`; `cifar-dist config` lists every key."""
+"""`cifar-dist <command> [--config FILE.yaml] [key.sub=value ...]`; `cifar-dist config` lists every key;
+`cifar-dist bench NAME [args]` runs a benchmark."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from cifar_dist.bench import BENCHMARKS
 from cifar_dist.config import ConfigError, load_config
 from cifar_dist.data.cifar import DataError
 from cifar_dist.inference.inputs import LABEL_FORMATS
@@ -121,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "and of its check")
     for name, help in DELEGATED.items():  # commands with parsers of their own: `cifar-dist NAME --help`
         commands.add_parser(name, help=help, add_help=False)
+    bench = commands.add_parser("bench", help="run a benchmark; results go to benchmarks/results/<hardware>-<date>/",
+                                description="run a benchmark (`cifar-dist bench NAME --help` describes one); "
+                                            "results go to benchmarks/results/<hardware>-<date>/")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's arguments")
     return parser
 
 
@@ -225,6 +232,14 @@ def _is_user_error(err: Exception) -> bool:
         return True
     checkpoint = sys.modules.get("cifar_dist.engine.checkpoint")  # only loaded (with torch) when one was read
     return checkpoint is not None and isinstance(err, checkpoint.CheckpointError)
+def run_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(f"cifar_dist.bench.{args.name}").cli(args.args)
+
+
+COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "model-summary": run_model_summary,
+            "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

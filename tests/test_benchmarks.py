@@ -1,49 +1,201 @@
-"""The loader throughput benchmark runs end to end on real data and reports what it measured.
+"""Every benchmark runs end to end with --quick and writes the outputs it promises; the data packer is
+lossless and keeps to its budget; gpu_check.sh refuses to start without what it needs.
 
-Speeds are only checked to be positive: the goals are for the benchmark's output, not for tests.
+Speeds are only checked to be positive: the goals are for the benchmarks' output, not for tests.
+Each script runs on a 1,000/200-image synthetic copy, so the tests exercise the scripts, not the machine.
 """
-import csv
 import os
 import re
 import subprocess
 import sys
+import zipfile
 
-from conftest import REPO
+import numpy as np
+import pandas as pd
+import pytest
 
-SCRIPT = REPO / "benchmarks" / "loader_throughput.py"
-LOADERS = ["torchvision", "ffcv", "gpu"]
+from conftest import REPO, balanced_labels, id_images, run_cli, write_batches_folder
 
-
-def run_benchmark(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env if env is not None else dict(os.environ))
-
-
-def test_quick_benchmark_writes_three_rows_and_prints_the_table(real_data_root, tmp_path):
-    csv_path = tmp_path / "results" / "loader_throughput.csv"
-    result = run_benchmark("--data-root", real_data_root, "--beton-dir", tmp_path / "beton",
-                           "--csv", csv_path, "--quick", "--device", "cpu")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert {"timestamp", "cpu_model", "cpu_cores", "torch_threads", "gpu"} <= set(reader.fieldnames)
-    assert [row["loader"] for row in rows] == LOADERS
-    for row in rows:
-        assert float(row["images_per_s"]) > 0 and int(row["images"]) >= 2048, row
-        assert float(row["seconds"]) > 0 and int(row["cpu_cores"]) >= 1 and row["timestamp"], row
-    assert float(rows[0]["ratio_vs_torchvision"]) == 1.0
-    assert [p.name for p in csv_path.parent.iterdir()] == [csv_path.name]  # no temporary left behind
-
-    table_rows = re.findall(r"^(\w+)\s+(\d+)\s+[\d.]+\s+(\d+)\s+[\d.]+x$", result.stdout, flags=re.MULTILINE)
-    assert [name for name, _, _ in table_rows] == LOADERS, result.stdout
-    assert all(int(rate) > 0 for _, _, rate in table_rows)
-    assert "hardware:" in result.stdout and "untimed" in result.stdout
+SMALL = "data.require_full_size=false"
 
 
-def test_benchmark_without_data_root_says_how_to_give_one():
-    env = {key: value for key, value in os.environ.items() if key != "CIFAR_DIST_DATA"}
-    result = run_benchmark("--quick", env=env, timeout=120)
-    assert result.returncode == 2
-    assert "--data-root" in result.stderr and "CIFAR_DIST_DATA" in result.stderr
+def run_script(name: str, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench") / "data"
+    write_batches_folder(root, id_images(1000), balanced_labels(1000), id_images(200, seed=1), balanced_labels(200))
+    return root
+
+
+def results_of(results, name: str) -> tuple[pd.DataFrame, str, set]:
+    """(CSV, markdown, file names) of one benchmark in the single <hardware>-<date> folder under results."""
+    folders = list(results.iterdir())
+    assert len(folders) == 1 and re.fullmatch(r"[a-z0-9-]+-\d+c-\d{4}-\d\d-\d\d", folders[0].name), folders
+    files = {p.name for p in folders[0].iterdir()}
+    return pd.read_csv(folders[0] / f"{name}.csv"), (folders[0] / f"{name}.md").read_text(), files
+
+
+def assert_ran(result: subprocess.CompletedProcess, name: str, extra_files=()) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(rf"^wrote .*/{name}\.csv, .*{name}\.md, .*{name}\.png$", result.stdout, re.MULTILINE), result.stdout
+
+
+def check_markdown(markdown: str, name: str, columns: list[str]) -> None:
+    assert "- hardware: " in markdown and "GPU: none" in markdown and "- date: " in markdown
+    assert f"- command: `cifar-dist bench {name} " in markdown and f"![{name}]({name}.png)" in markdown
+    assert "| " + " | ".join(columns) + " |" in markdown
+
+
+def test_loader_throughput_covers_loaders_augmentations_and_workers(bench_data, tmp_path):
+    result = run_script("loader_throughput.py", "--quick", "--device", "cpu", "--data-root", bench_data,
+                        "--beton-dir", tmp_path / "beton", "--results", tmp_path / "results",
+                        "--augment", "none,reference+mix", SMALL)  # two of the four sets keep the test short
+    assert_ran(result, "loader_throughput")
+    frame, markdown, files = results_of(tmp_path / "results", "loader_throughput")
+    assert files == {"loader_throughput.csv", "loader_throughput.md", "loader_throughput.png"}  # no temporaries
+    sets = ["none", "reference+mix"]
+    expected = [(loader, workers, s) for loader, counts in (("torchvision", [1, 2]), ("ffcv", [1, 2]), ("gpu", [0]))
+                for workers in counts for s in sets]
+    assert list(zip(frame.loader, frame.workers, frame.augment)) == expected
+    assert (frame.images >= 256).all() and (frame.images_per_s > 0).all() and (frame.seconds > 0).all()
+    assert {"cpu_model", "cpu_cores", "torch_threads", "gpu", "torch", "batch_size"} <= set(frame.columns)
+    baseline = frame[(frame.loader == "torchvision") & (frame.workers == 2)]
+    assert (baseline.vs_torchvision == 1.0).all()
+    check_markdown(markdown, "loader_throughput", ["loader", "augment", "workers", "images", "seconds",
+                                                   "images_per_s", "vs_torchvision"])
+
+
+def test_train_throughput_runs_every_toggle_through_the_cli(bench_data, tmp_path):
+    result = run_cli("bench", "train_throughput", "--quick", "--models", "fast", "--device", "cpu",
+                     "--data-root", bench_data, "--results", tmp_path, SMALL)
+    assert_ran(result, "train_throughput")
+    frame, markdown, _ = results_of(tmp_path, "train_throughput")
+    toggles = ["baseline", "channels_last=off", "amp=bf16", "amp=fp16", "ema=on", "mixup_cutmix=on", "sync_bn=on",
+               "recipe"]  # compile=on is left out of --quick on the CPU (a cold compile takes a minute)
+    assert list(frame.toggle) == toggles and set(frame.model) == {"fast"}
+    measured = frame[frame.toggle != "sync_bn=on"]
+    assert (measured.images_per_s > 0).all() and (measured.step_ms > 0).all() and measured.peak_memory_mb.isna().all()
+    assert (measured.batch == 32).all() and (measured.steps == 2).all()
+    assert list(measured.amp) == ["off", "off", "bfloat16", "float16", "off", "off", "bfloat16"]
+    assert list(measured.grad_scaler) == [False, False, False, True, False, False, False]
+    assert list(measured.channels_last) == [True, False, True, True, True, True, True]
+    assert measured.ema.iloc[0] == "off" and measured.ema.iloc[4].startswith("decay 0.95 every 5")
+    assert list(measured.mixup_cutmix) == ["0.0/0.0"] * 5 + ["0.3/0.3", "0.0/0.0"]
+    sync = frame[frame.toggle == "sync_bn=on"].iloc[0]
+    assert np.isnan(sync.images_per_s) and "CUDA only" in sync.note
+    assert frame.vs_baseline.iloc[0] == 1.0
+    check_markdown(markdown, "train_throughput", ["model", "toggle", "images_per_s", "vs_baseline", "step_ms",
+                                                  "peak_memory_mb", "note"])
+    assert "warm-up epoch" in markdown
+
+
+def test_overhead_reports_the_ratio_and_its_spread_per_model(bench_data, tmp_path):
+    result = run_script("overhead.py", "--quick", "--device", "cpu", "--data-root", bench_data,
+                        "--results", tmp_path, SMALL)
+    assert_ran(result, "overhead")
+    frame, markdown, _ = results_of(tmp_path, "overhead")
+    assert list(frame.model) == ["fast", "attention_resnet"]
+    for row in frame.itertuples():
+        ratios = [float(r) for r in row.ratios.split()]
+        assert len(ratios) == 3 and min(ratios) == pytest.approx(row.ratio_min, abs=1e-3)
+        assert row.ratio_min <= row.ratio_median <= row.ratio_max and row.ratio_min > 0
+        assert row.trainer_images_per_s > 0 and row.bare_images_per_s > 0 and (row.batch, row.steps) == (32, 3)
+    assert list(frame.widths) == ["widths [8, 16, 16]", "width 4"]
+    check_markdown(markdown, "overhead", ["model", "widths", "batch", "amp", "compile", "ratio_median", "ratio_min",
+                                          "ratio_max", "trainer_images_per_s", "bare_images_per_s"])
+
+
+def test_scaling_runs_one_and_two_ranks_weak_and_strong(bench_data, tmp_path):
+    result = run_script("scaling.py", "--quick", "--device", "cpu", "--data-root", bench_data,
+                        "--results", tmp_path, SMALL)
+    assert_ran(result, "scaling")
+    frame, markdown, _ = results_of(tmp_path, "scaling")
+    assert list(zip(frame["mode"], frame.ranks, frame.per_rank_batch, frame.global_batch)) == [
+        ("weak", 1, 32, 32), ("strong", 1, 32, 32), ("weak", 2, 32, 64), ("strong", 2, 16, 32)]
+    assert (frame.total_images_per_s > 0).all()
+    assert np.allclose(frame.per_rank_images_per_s, frame.total_images_per_s / frame.ranks)
+    assert list(frame.efficiency[frame.ranks == 1]) == [1.0, 1.0]
+    assert not frame.sync_bn.any()  # SyncBN needs CUDA
+    assert "not a speed-up" in result.stdout and "not a speed-up" in markdown
+
+
+def test_time_to_accuracy_reports_runs_and_the_timed_region(bench_data, tmp_path):
+    result = run_script("time_to_accuracy.py", "--quick", "--device", "cpu", "--data-root", bench_data,
+                        "--results", tmp_path, SMALL)
+    assert_ran(result, "time_to_accuracy")
+    frame, markdown, files = results_of(tmp_path, "time_to_accuracy")
+    assert "time_to_accuracy_runs.csv" in files
+    row = frame.iloc[0]
+    assert (row.runs, row.train_images, row.eval_split, row.target) == (2, 256, "val", 0.1)
+    assert 0 <= row.reached_fraction <= 1 and row.read_s > 0
+    runs = pd.read_csv(tmp_path / next(iter(os.listdir(tmp_path))) / "time_to_accuracy_runs.csv")
+    assert list(runs.seed) == [0, 1] and (runs.epochs >= 1).all() and (runs.timed_s > 0).all()
+    assert (runs.reached == runs.time_to_target_s.notna()).all()
+    assert "untimed warm-up run" in result.stdout
+    assert "minus reading the data from disk" in markdown and "TTA" in markdown
+
+
+def test_bench_errors_are_one_line_with_exit_code_2(bench_data, tmp_path, capsys, monkeypatch):
+    from cifar_dist.cli import main
+
+    monkeypatch.delenv("CIFAR_DIST_DATA", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "overhead", "--quick"])
+    assert exit_info.value.code == 2 and "--data-root DIR or set CIFAR_DIST_DATA" in capsys.readouterr().err
+    common = ["bench", "train_throughput", "--quick", "--data-root", str(bench_data), "--results", str(tmp_path)]
+    assert main([*common, "--models", "fast,nope"]) == 2
+    assert "--models takes a comma-separated subset of attention_resnet, fast, resnet18; got nope" in capsys.readouterr().err
+    assert main([*common, "train.epochz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.epochz'" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_pack_data_is_lossless_balanced_and_within_budget(tmp_path):
+    from cifar_dist.data.cifar import load_cifar10
+
+    def read_back(root):
+        return load_cifar10(root, download=False, require_full_size=False)
+
+    images, labels = id_images(1000), np.repeat(np.arange(10), 100)  # sorted by class: 100 of class 0 first
+    write_batches_folder(tmp_path / "data", images, labels, id_images(200, seed=1), balanced_labels(200))
+    out = tmp_path / "packed" / "cifar10.npz"
+    result = run_script("pack_data.py", "pack", "--data-root", tmp_path / "data", "--out", out, "--max-mib", "1.5")
+    assert result.returncode == 0, result.stderr
+    assert 0 < out.stat().st_size <= 1.5 * 2**20 and sorted(os.listdir(out.parent)) == ["cifar10.npz"]
+    assert {info.compress_type for info in zipfile.ZipFile(out).infolist()} == {zipfile.ZIP_LZMA}
+    packed = read_back(out.parent)
+    count = len(packed.y_train)
+    # Random bytes do not compress: about (1.5 MiB - 200 test images) / 3,072 bytes fit, a multiple of 10.
+    assert count % 10 == 0 and 300 <= count <= 310 and f"{count:,} training images" in result.stdout
+    chosen = [100 * cls + k for k in range(count // 10) for cls in range(10)]  # each class in turn
+    assert np.array_equal(packed.x_train, images[chosen]) and np.array_equal(packed.y_train, labels[chosen])
+    assert np.array_equal(packed.x_test, id_images(200, seed=1)) and np.array_equal(packed.y_test, balanced_labels(200))
+
+    plain = tmp_path / "plain" / "cifar10.npz"
+    assert run_script("pack_data.py", "unpack", out, plain).returncode == 0
+    unpacked = read_back(plain.parent)
+    assert {info.compress_type for info in zipfile.ZipFile(plain).infolist()} == {zipfile.ZIP_STORED}
+    assert all(np.array_equal(getattr(unpacked, k), getattr(packed, k)) for k in ("x_train", "y_train", "x_test", "y_test"))
+
+    tight = run_script("pack_data.py", "pack", "--data-root", tmp_path / "data", "--out", tmp_path / "tight" / "c.npz",
+                       "--max-mib", "0.5")
+    assert tight.returncode == 2 and "the test set alone packs to 0.6 MiB" in tight.stderr
+    assert not any((tmp_path / "tight").iterdir())
+
+
+def test_gpu_check_says_what_is_missing_before_it_starts(tmp_path):
+    script = ["bash", str(REPO / "benchmarks" / "gpu_check.sh")]
+    env = {**os.environ, "PYTHON": sys.executable}
+    missing = subprocess.run(script, capture_output=True, text=True, timeout=120,
+                             env={**env, "GPU_CHECK_DATA": str(tmp_path / "none.npz")})
+    assert missing.returncode == 2 and "no packed data at" in missing.stderr and "pack_data.py pack" in missing.stderr
+    (tmp_path / "c.npz").write_bytes(b"")
+    no_gpu = subprocess.run(script, capture_output=True, text=True, timeout=120,
+                            env={**env, "GPU_CHECK_DATA": str(tmp_path / "c.npz")})
+    assert no_gpu.returncode == 2 and "torch sees no CUDA device" in no_gpu.stderr
+    assert "GPU_CHECK_ALLOW_CPU=1" in no_gpu.stderr

@@ -172,11 +172,13 @@ class RunLogger:
             self._bar = tqdm(total=num_steps, desc=f"epoch {epoch}", file=sys.stderr,
                              dynamic_ncols=True, leave=False)
 
-    def step(self, step_in_epoch: int, global_step: int, loss: float, lr: float) -> None:
+    def step(self, step_in_epoch: int, global_step: int, loss, lr: float) -> None:
         """Report one optimizer step; step_in_epoch counts from 1.
 
         On a terminal the bar advances; elsewhere (Slurm logs) a plain line is printed every
-        logging.print_every_steps steps.
+        logging.print_every_steps steps. loss: a number or a 0-dim tensor, read only when shown
+        (reading a CUDA tensor waits for the device): every step on a terminal's bar, only on the
+        printed lines elsewhere.
         """
         if not self.enabled:
             return

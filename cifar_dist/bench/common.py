@@ -1,0 +1,300 @@
+"""What every benchmark shares: arguments, the hardware in words, the results folder, timing of
+real training epochs, and the report (CSV with pandas, a markdown table, a PNG plot).
+
+Results go to `<results>/<hardware>-<date>/` (default `benchmarks/results/`, relative to the
+working directory): `<name>.csv`, `<name>.md` (hardware, date, command, timing rules, table) and
+`<name>.png` when matplotlib is installed. Every file is written whole or not at all.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import os
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cifar_dist.atomic import atomic_write
+from cifar_dist.config import Config, load_config
+from cifar_dist.hardware import cpu_model
+
+DEFAULT_RESULTS = Path("benchmarks") / "results"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when running from one
+RECIPES = {"attention_resnet": "default.yaml", "fast": "fast.yaml", "resnet18": "default.yaml"}
+# Settings every benchmark run gets: no downloads, no plots or wandb, a fresh run each time.
+QUIET_RUN = ("data.download=false", "logging.plot=false", "logging.wandb.mode=disabled", "train.resume=never")
+
+
+class BenchError(ValueError):
+    """Bad benchmark arguments or set-up: the message says what to change."""
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """--quick, --results, --device, --data-root and trailing config overrides."""
+    add = parser.add_argument
+    add("--quick", action="store_true", help=quick_help)
+    add("--results", type=Path, default=DEFAULT_RESULTS,
+        help="results are written to RESULTS/<hardware>-<date>/ (default: benchmarks/results)")
+    add("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice; 1 with --quick "
+                                               "on the CPU, where busy cores make more threads wait on each other)")
+    add("--data-root", default=os.environ.get("CIFAR_DIST_DATA"),
+        help="folder holding cifar-10-batches-py, the .tar.gz or cifar10.npz (default: $CIFAR_DIST_DATA)")
+    add("overrides", nargs="*", metavar="key.sub=value", help="config overrides applied to every run")
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.data_root is None:
+        parser.error("no data: pass --data-root DIR or set CIFAR_DIST_DATA to a folder holding "
+                     "cifar-10-batches-py, cifar-10-python.tar.gz or cifar10.npz")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device; use --device cpu")
+    if args.threads < 0:
+        parser.error(f"--threads must be at least 0 (0: torch's choice); got {args.threads}")
+    if args.threads == 0 and args.quick and args.device == "cpu":
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def csv_list(text: str, allowed: tuple | None = None, what: str = "values") -> list[str]:
+    """'a,b' → ['a', 'b'], each checked against allowed."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in items if allowed is not None and item not in allowed]
+    if unknown or not items:
+        raise BenchError(f"{what} takes a comma-separated subset of {', '.join(allowed or ())}; "
+                         f"got {', '.join(unknown) or 'nothing'}")
+    return items
+
+
+# --- the machine -------------------------------------------------------------------------------
+
+def hardware(device: torch.device) -> dict:
+    """CPU model and usable cores, torch's threads, the GPU and the torch build, for tables and CSVs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {"cpu_model": cpu_model(), "cpu_cores": cores, "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "device": str(device)}
+
+
+def hardware_line(info: dict) -> str:
+    return (f"{info['cpu_model']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads), "
+            f"GPU: {info['gpu']}, torch {info['torch']}, device {info['device']}")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def results_folder(base: Path, info: dict, date: datetime.date | None = None) -> Path:
+    """base/<GPU name, or CPU model and cores>-<YYYY-MM-DD>."""
+    machine = slug(info["gpu"]) if info["gpu"] != "none" else f"{slug(info['cpu_model'])}-{info['cpu_cores']}c"
+    return Path(base) / f"{machine}-{(date or datetime.date.today()).isoformat()}"
+
+
+# --- configs and timing ------------------------------------------------------------------------
+
+def recipe_path(model: str) -> Path:
+    """The recipe file of a model (configs/default.yaml, configs/fast.yaml), from the working
+    directory or the checkout this package runs from."""
+    name = RECIPES.get(model, "default.yaml")
+    places = [Path.cwd() / "configs" / name, PACKAGE_ROOT / "configs" / name]
+    for place in places:
+        if place.is_file():
+            return place
+    raise BenchError(f"the recipe of {model} ({name}) is not in {' or '.join(str(p.parent) for p in places)}; "
+                     "run from the repository root or pass --config FILE")
+
+
+def bench_config(config_path: Path | str | None, data_root: str | None, overrides: list[str],
+                 settings: list[str] = ()) -> Config:
+    """The recipe, the user's overrides, then the settings a measurement needs (they win)."""
+    data = [f"data.root={data_root}"] if data_root else []
+    return load_config(config_path, [*data, *QUIET_RUN, *overrides, *settings])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quiet_trainer(cfg: Config, env):
+    """The real Trainer, its start-up messages silenced."""
+    from cifar_dist.engine.trainer import Trainer
+
+    return Trainer(cfg, env, log=lambda *args, **kwargs: None)
+
+
+def time_epoch(trainer) -> float:
+    """Seconds of one epoch of the real training loop (no evaluation, no end-of-epoch checkpoint)."""
+    device = trainer.env.device
+    synchronize(device)
+    started = time.perf_counter()
+    outcome = trainer.train_epoch()
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    if outcome is not None:
+        raise BenchError(f"the training loop stopped early: {outcome.value}")
+    trainer.close_epoch()
+    return seconds
+
+
+@dataclass
+class EpochTimes:
+    """Timed epochs of one configuration of the real training loop."""
+
+    seconds: list[float]
+    plan: object  # engine.build.RunPlan
+    peak_memory_mb: float  # CUDA's max_memory_allocated over the timed epochs; NaN on the CPU
+
+    @property
+    def images_per_s(self) -> float:
+        """Over all ranks, from the median epoch."""
+        return self.plan.steps_per_epoch * self.plan.global_batch_size / statistics.median(self.seconds)
+
+
+def measure_epochs(cfg: Config, env, repeats: int, run_dir: str | Path) -> EpochTimes:
+    """One untimed warm-up epoch of the real Trainer, then `repeats` timed epochs (cfg.train.epochs
+    must cover them all); the trainer is dropped before this returns."""
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
+    trainer = quiet_trainer(cfg, env)
+    try:
+        time_epoch(trainer)  # compile, cuDNN autotuning, optimizer state, allocator warm-up
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
+        seconds = [time_epoch(trainer) for _ in range(repeats)]
+        peak = torch.cuda.max_memory_allocated(env.device) / 2**20 if env.device.type == "cuda" else float("nan")
+        return EpochTimes(seconds, trainer.run.plan, peak)
+    finally:
+        trainer.logger.close()
+        del trainer
+        free_device_memory(env.device)
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Let the next configuration start from an empty device (peak memory is per configuration)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_folder() -> tempfile.TemporaryDirectory:
+    """A throw-away run.dir for trainers built by a benchmark."""
+    return tempfile.TemporaryDirectory(prefix="cifar_dist_bench_")
+
+
+# --- the report --------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    """One benchmark's results: the table, what it means, and how to draw it."""
+
+    name: str
+    title: str
+    frame: object  # pandas.DataFrame
+    rules: list[str]
+    info: dict
+    plot: Callable | None = None  # plot(figure) draws on a matplotlib Figure
+    columns: list[str] | None = None  # columns of the markdown table (default: all)
+    notes: list[str] = field(default_factory=list)
+    extra_csv: dict = field(default_factory=dict)  # suffix → DataFrame, written as <name>_<suffix>.csv
+
+
+def format_cell(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return ""
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    return str(value)
+
+
+def markdown_table(frame, columns: list[str] | None = None) -> str:
+    """A GitHub markdown table (pandas' to_markdown needs tabulate, which the GPU machines lack)."""
+    columns = columns or list(frame.columns)
+    numeric = [frame[c].dtype.kind in "if" for c in columns]
+    lines = ["| " + " | ".join(columns) + " |",
+             "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
+    for row in frame[columns].itertuples(index=False):
+        lines.append("| " + " | ".join(format_cell(v.item() if hasattr(v, "item") else v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def draw_png(plot: Callable, path: Path) -> bool:
+    """Draw plot(figure) into path; False (and a note) when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    figure = Figure(figsize=(9, 5))
+    FigureCanvasAgg(figure)  # a bare Figure on Agg: no pyplot state, no display needed
+    plot(figure)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), fsync=False)
+    return True
+
+
+def command_line(name: str, argv: list[str] | None) -> str:
+    """The command that reproduces a run (`python benchmarks/<name>.py ...` runs the same code)."""
+    return shlex.join(["cifar-dist", "bench", name, *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_report(report: Report, base: Path, command: str) -> Path:
+    """CSV, markdown and PNG of report into the results folder; prints the table and where it wrote."""
+    folder = results_folder(base, report.info)
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path, png_path = (folder / f"{report.name}.{ext}" for ext in ("csv", "md", "png"))
+    atomic_write(csv_path, lambda tmp: report.frame.to_csv(tmp, index=False), fsync=False)
+    extra_paths = [folder / f"{report.name}_{suffix}.csv" for suffix in report.extra_csv]
+    for path, frame in zip(extra_paths, report.extra_csv.values()):
+        atomic_write(path, lambda tmp, frame=frame: frame.to_csv(tmp, index=False), fsync=False)
+    notes = list(report.notes)
+    drawn = report.plot is not None and draw_png(report.plot, png_path)
+    if report.plot is not None and not drawn:
+        notes.append(f"{png_path.name} not drawn: matplotlib is not installed (pip install matplotlib)")
+    table = markdown_table(report.frame, report.columns)
+    stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    lines = [f"# {report.title}", "", f"- hardware: {hardware_line(report.info)}", f"- date: {stamp}",
+             f"- command: `{command}`", *(f"- {rule}" for rule in report.rules), "", table, ""]
+    if drawn:
+        lines += [f"![{report.name}]({png_path.name})", ""]
+    lines += [f"Note: {note}" for note in notes]
+    atomic_write(md_path, lambda tmp: tmp.write_text("\n".join(lines).rstrip() + "\n"), fsync=False)
+    print(f"\n{report.title}\nhardware: {hardware_line(report.info)}")
+    for rule in report.rules:
+        print(f"  {rule}")
+    print(table)
+    for note in notes:
+        print(f"note: {note}")
+    written = [csv_path, *extra_paths, md_path] + ([png_path] if drawn else [])
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+    return folder
+
+
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """A benchmark's main with user errors as one line and exit code 2."""
+    from cifar_dist.config import ConfigError
+    from cifar_dist.data.cifar import DataError
+
+    try:
+        return main(argv)
+    except (BenchError, ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
