@@ -14,7 +14,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cifar_dist.atomic import atomic_write  # noqa: E402
-from cifar_dist.bench.common import format_cell, markdown_table  # noqa: E402
+from cifar_dist.tables import format_cell, markdown_table  # noqa: E402
 
 
 def newest(results: Path, name: str) -> Path | None:

@@ -27,6 +27,7 @@ import torch
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import Config, load_config
 from cifar_dist.hardware import cpu_model
+from cifar_dist.tables import markdown_table
 
 DEFAULT_RESULTS = Path("benchmarks") / "results"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when running from one
@@ -209,31 +210,6 @@ class Report:
     columns: list[str] | None = None  # columns of the markdown table (default: all)
     notes: list[str] = field(default_factory=list)
     extra_csv: dict = field(default_factory=dict)  # suffix → DataFrame, written as <name>_<suffix>.csv
-
-
-def format_cell(value) -> str:
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value)
-    if isinstance(value, float):
-        if value != value:  # NaN
-            return ""
-        if abs(value) >= 100:
-            return f"{value:,.0f}"
-        return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
-    if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value)
-    return str(value)
-
-
-def markdown_table(frame, columns: list[str] | None = None) -> str:
-    """A GitHub markdown table (pandas' to_markdown needs tabulate, which the GPU machines lack)."""
-    columns = columns or list(frame.columns)
-    numeric = [frame[c].dtype.kind in "if" for c in columns]
-    lines = ["| " + " | ".join(columns) + " |",
-             "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
-    for row in frame[columns].itertuples(index=False):
-        lines.append("| " + " | ".join(format_cell(v.item() if hasattr(v, "item") else v) for v in row) + " |")
-    return "\n".join(lines)
 
 
 def draw_png(plot: Callable, path: Path) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from cifar_dist.atomic import atomic_write
+from cifar_dist.tables import markdown_table
 
 SUMMARY_NAME = "sweep_summary"
 METRIC_COLUMNS = ["status", "epochs", "best_val_acc", "final_val_acc", "best_ema_val_acc", "final_ema_val_acc",
@@ -79,16 +80,6 @@ def collect(root: Path):
     return table[columns]
 
 
-def to_markdown(table) -> str:
-    """A pipe table (no extra dependency)."""
-    def cell(value) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cifar-dist sweep-summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder holding the runs (e.g. a sweep's folder under runs/slurm)")
@@ -108,7 +99,7 @@ def main(argv: list[str]) -> int:
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / f"{SUMMARY_NAME}.csv", lambda tmp: table.to_csv(tmp, index=False))
-    markdown = to_markdown(table)
+    markdown = markdown_table(table) + "\n"
     atomic_write(out / f"{SUMMARY_NAME}.md", lambda tmp: tmp.write_text(markdown))
     print(markdown, end="")
     print(f"wrote {out / SUMMARY_NAME}.csv and .md")
