@@ -221,9 +221,15 @@ def run_sweep_summary(args) -> int:
     return main(args.args)
 
 
+def run_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(f"cifar_dist.bench.{args.name}").cli(args.args)
+
+
 COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "model-summary": run_model_summary,
             "evaluate": run_evaluate, "predict": run_predict, "ensemble": run_ensemble, "export": run_export,
-            "slurm": run_slurm, "sweep-summary": run_sweep_summary}
+            "slurm": run_slurm, "sweep-summary": run_sweep_summary, "bench": run_bench}
 
 
 def _is_user_error(err: Exception) -> bool:
@@ -232,14 +238,6 @@ def _is_user_error(err: Exception) -> bool:
         return True
     checkpoint = sys.modules.get("cifar_dist.engine.checkpoint")  # only loaded (with torch) when one was read
     return checkpoint is not None and isinstance(err, checkpoint.CheckpointError)
-def run_bench(args) -> int:
-    import importlib
-
-    return importlib.import_module(f"cifar_dist.bench.{args.name}").cli(args.args)
-
-
-COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "model-summary": run_model_summary,
-            "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
