@@ -35,6 +35,7 @@ def train_main(config_path: str | None, overrides: list[str]) -> int:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     from cifar_dist.engine.checkpoint import CheckpointError
     from cifar_dist.engine.distributed import barrier, init_distributed, shutdown
+    from cifar_dist.engine.stopping import ignore_late_stop_signals
     from cifar_dist.engine.trainer import EXIT_CODES, Outcome
 
     code = EXIT_CONFIG
@@ -42,6 +43,7 @@ def train_main(config_path: str | None, overrides: list[str]) -> int:
         cfg = load_config(config_path, overrides)
         env = init_distributed(cfg.train.device)
         outcome, run_dir = _fit(cfg, env)
+        ignore_late_stop_signals()
         barrier()  # no rank leaves while rank 0 still writes its last checkpoint
     except KeyboardInterrupt:  # a second Ctrl-C: abort without waiting for the other ranks
         print("cifar-dist train: aborted by a second Ctrl-C; the run folder keeps its last complete checkpoint",

@@ -24,6 +24,13 @@ def pytest_configure(config):
     # Processes orphaned by a test are re-parented to this one instead of init, so the check at the
     # end of the session sees them (daemons, data-loader workers, torchrun groups, FFCV writers).
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+    # A SIGTERM (a CI timeout, `kill`) ends the run like Ctrl-C, so fixtures still stop what they
+    # started (the Slurm daemons) and the leftover check runs.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
 
 
 def leftover_processes() -> list:
@@ -193,18 +200,32 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
 
 
-def start_and_signal(cmd: list[str], after_line: str, sig=signal.SIGTERM, env=None) -> tuple[int, str]:
-    """Start cmd, send sig once a stdout line contains after_line; (exit code, all output)."""
+def start_and_act(cmd: list[str], after_line: str, act, env=None) -> tuple[int, str]:
+    """Start cmd, call act(process) once a stdout line contains after_line; (exit code, all output)."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if after_line in line:
-            proc.send_signal(sig)
+            act(proc)
             break
     lines.extend(proc.stdout)
     return proc.wait(timeout=600), "".join(lines)
+
+
+def start_and_signal(cmd: list[str], after_line: str, sig=signal.SIGTERM, env=None) -> tuple[int, str]:
+    """Start cmd, send sig once a stdout line contains after_line; (exit code, all output)."""
+    return start_and_act(cmd, after_line, lambda proc: proc.send_signal(sig), env)
+
+
+def kill_last_worker(proc, script: str = "") -> None:
+    """SIGKILL the last of a launcher's two training workers (children whose command line holds script)."""
+    import psutil
+
+    workers = [p for p in psutil.Process(proc.pid).children() if script in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[-1].kill()
 
 
 @pytest.fixture(scope="module")

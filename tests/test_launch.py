@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import EXIT_INTERRUPTED, REPO, leftover_processes, states, tiny_args
+from conftest import EXIT_INTERRUPTED, REPO, kill_last_worker, leftover_processes, start_and_act, states, tiny_args
 
 
 def start_launch_train(args: list[str], nproc: int) -> subprocess.Popen:
@@ -68,21 +68,8 @@ def test_second_ctrl_c_aborts_at_once_and_leaves_no_worker(data_root, tmp_path):
 def test_a_crashed_rank_restarts_the_group_which_resumes(data_root, tmp_path):
     cmd = [sys.executable, "-m", "cifar_dist.launchers.local", "--nproc", "2", "--max-restarts", "1", "--",
            *tiny_args(data_root, tmp_path, "train.epochs=3")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    import psutil
-
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "epoch 2 step 4/" in line:
-            workers = psutil.Process(proc.pid).children()
-            assert len(workers) == 2
-            workers[-1].kill()
-            break
-    lines.extend(proc.stdout)
-    output = "".join(lines)
-    assert proc.wait(timeout=600) == 0, output[-8000:]
+    code, output = start_and_act(cmd, "epoch 2 step 4/", kill_last_worker)
+    assert code == 0, output[-8000:]
     assert "rank 1: killed by SIGKILL" in output and "restart 1 of 1 resumes from last.pt" in output
     assert "resumed from" in output and states(tmp_path)["epoch"] == 3
 

@@ -42,10 +42,19 @@ def submit(cluster, root: Path, *args: str) -> list[tuple[str, Path]]:
 def wait_until(cluster, condition, what: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; Slurm's view:\n{cluster_view(cluster)}"
         if cluster is not None:
             cluster.release_requeued()
         time.sleep(0.5)
+
+
+def cluster_view(cluster) -> str:
+    """What a timeout message needs to tell why a job did not move: its state and reason, and the controller's log."""
+    if cluster is None:
+        return "(no cluster)"
+    jobs = cluster.run("squeue", "-h", "-t", "all", "-o", "%i %T %r %M").stdout
+    log = (cluster.folder / "slurmctld.log").read_text()[-3000:]
+    return f"squeue:\n{jobs}\nslurmctld.log (end):\n{log}"
 
 
 def wait_gone(cluster, job_id: str) -> None:

@@ -9,15 +9,14 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 
 from cifar_dist.config import ModelConfig, load_config
 from cifar_dist.engine import checkpoint
 from cifar_dist.models import build_model
-from conftest import (EXIT_DIVERGED, EXIT_PREEMPTED, REPO, SCRIPT, assert_bitwise_equal, free_port, start_and_signal,
-                      states, tiny_args, torchrun_train, train)
+from conftest import (EXIT_DIVERGED, EXIT_PREEMPTED, REPO, SCRIPT, assert_bitwise_equal, free_port, kill_last_worker,
+                      start_and_act, start_and_signal, states, tiny_args, torchrun_train, train)
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_root, tmp_path_factory):
@@ -195,19 +194,8 @@ def test_torchrun_restarts_after_a_rank_is_killed(data_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
            "--standalone", SCRIPT,
            *tiny_args(data_root, tmp_path, "train.epochs=3")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "epoch 2 step 4/" in line:
-            workers = [p for p in psutil.Process(proc.pid).children() if "train_run.py" in " ".join(p.cmdline())]
-            assert len(workers) == 2
-            workers[-1].kill()
-            break
-    lines.extend(proc.stdout)
-    output = "".join(lines)
-    assert proc.wait(timeout=600) == 0, output[-20000:]
+    code, output = start_and_act(cmd, "epoch 2 step 4/", lambda proc: kill_last_worker(proc, "train_run.py"))
+    assert code == 0, output[-20000:]
     assert "resumed from" in output and "at epoch 1" in output
     assert states(tmp_path)["epoch"] == 3
     history = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

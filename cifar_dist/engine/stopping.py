@@ -36,3 +36,12 @@ class StopRequests:
             how = "Ctrl-C again to abort" if signum == signal.SIGINT else "then exiting"
             self.log(f"received {signal.Signals(signum).name}: finishing the step, writing last.pt ({how})")
         self.kind = max(self.kind, STOP_SIGNALS[signum])
+
+
+def ignore_late_stop_signals() -> None:
+    """After the loop, SIGTERM and SIGUSR2 have nothing left to save. They do arrive then: as soon as
+    one rank exits 75, `srun --kill-on-bad-exit` and torchrun signal the others, which may still be
+    leaving the barrier. Ignored, those ranks end with the run's own exit code (75), not killed by
+    the signal (143), so that the scheduler script still sees a stop it should requeue."""
+    for s in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)

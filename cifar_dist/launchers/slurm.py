@@ -8,7 +8,9 @@ trainer. How the signals and submitit's own handlers cooperate:
   SIGTERM → ignored. They cover only the start-up (data, model) and the end of a task.
 - While the training loop runs, the trainer's handlers replace them: SIGUSR2 (the time-limit warning,
   `#SBATCH --signal=USR2@<--signal-delay-s>`) and SIGTERM (preemption, `scancel`, `scontrol requeue`)
-  make every task finish its step; rank 0 writes last.pt; the trainer returns 75.
+  make every task finish its step; rank 0 writes last.pt; the trainer returns 75. From then on the
+  task ignores both signals: the state is saved, and a late one must not kill a task (exit 143
+  instead of 75) nor start a second requeue through `checkpoint()`.
 - Then rank 0 asks Slurm for the job's state. RUNNING means Slurm will not end the job itself (a
   time-limit warning, a manual signal): we requeue it with `scontrol requeue`. Otherwise Slurm is
   already cancelling the job (`scancel`) or requeuing it (preemption, `scontrol requeue`), and we let it.
