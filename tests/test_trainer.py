@@ -180,6 +180,21 @@ def test_two_ranks_sigterm_resume_bitwise_ema_identical_and_exact_counts(data_ro
     assert resumed[0]["ema"] == resumed[1]["ema"] == ranks[0]["ema"]
 
 
+def test_two_ranks_lookahead_ends_with_the_model_equal_to_its_ema_on_every_rank(data_root, tmp_path):
+    # The EMA must start from the weights DDP broadcast from rank 0, frozen ones included (the fast
+    # net's whitening filters come from each rank's own images): else the ranks' EMAs and, through
+    # the lookahead, their models drift apart.
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    lookahead = ["train.ema_decay=0.95", "train.ema_every=5", "train.ema_ramp=cubic", "train.ema_lookahead=true"]
+    result = torchrun_train(tiny_args(data_root, tmp_path / "run", *lookahead), env={"DUMP_DIR": str(dump)})
+    assert result.returncode == 0, result.stderr[-8000:]
+    ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["model"] == ranks[0]["ema"] == ranks[1]["model"] == ranks[1]["ema"]
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["model"] == final["ema"]
+
+
 def test_resume_on_another_world_size_says_so(data_root, tmp_path):
     first = train(tiny_args(data_root, tmp_path, "train.max_steps=10"))
     assert first.returncode == 0, first.stderr[-8000:]

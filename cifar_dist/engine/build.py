@@ -222,12 +222,14 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
         return torch.cat(images)[:WHITENING_IMAGES]
 
     model = build_model_for(cfg, device, tc.channels_last, sync_bn, whitening_images)
-    ema = NoEMA() if tc.ema_decay == 0 else EMA(
-        model, tc.ema_decay, tc.ema_every, tc.ema_ramp, start_step=round(tc.ema_start_epochs * steps_per_epoch),
-        total_steps=total_steps, lookahead=tc.ema_lookahead)
     optimizer, scheduler = build_optimizer(model, tc, tc.global_batch_size, steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net = wrap(model, env, tc.compile, tc.compile_mode)
+    # After DDP's start-up broadcast: the EMA starts from rank 0's weights on every rank, frozen
+    # ones (the whitening filters, from each rank's own images) included.
+    ema = NoEMA() if tc.ema_decay == 0 else EMA(
+        model, tc.ema_decay, tc.ema_every, tc.ema_ramp, start_step=round(tc.ema_start_epochs * steps_per_epoch),
+        total_steps=total_steps, lookahead=tc.ema_lookahead)
     loss_scale = env.world_size if tc.loss_reduction == "sum" else 1 / (micro_batch * tc.grad_accum_steps)
     plan = RunPlan(
         world_size=env.world_size, device=str(device), device_name=device_name(device), loader=cfg.data.loader,
