@@ -232,9 +232,13 @@ def command_line(name: str, argv: list[str] | None) -> str:
     return shlex.join(["cifar-dist", "bench", name, *(sys.argv[1:] if argv is None else argv)])
 
 
-def write_report(report: Report, base: Path, command: str) -> Path:
-    """CSV, markdown and PNG of report into the results folder; prints the table and where it wrote."""
-    folder = results_folder(base, report.info)
+def write_report(report: Report, args: argparse.Namespace, argv: list[str] | None, quick_size: str) -> Path:
+    """CSV, markdown and PNG of report into the results folder (--results); prints the table and where
+    it wrote. quick_size: what --quick shrinks the run to, noted when it was given."""
+    if args.quick:
+        report.notes.append(f"--quick: {quick_size}; the figures test the script, not the machine")
+    command = command_line(report.name, argv)
+    folder = results_folder(args.results, report.info)
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = (folder / f"{report.name}.{ext}" for ext in ("csv", "md", "png"))
     atomic_write(csv_path, lambda tmp: report.frame.to_csv(tmp, index=False), fsync=False)

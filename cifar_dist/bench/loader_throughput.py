@@ -32,7 +32,7 @@ import torch
 
 from cifar_dist.augment.pipeline import make_generator
 from cifar_dist.bench.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                     command_line, csv_list, hardware, run_main, synchronize, write_report)
+                                     csv_list, hardware, run_main, synchronize, write_report)
 from cifar_dist.config import AugmentConfig, Config
 from cifar_dist.data.beton import prepare
 from cifar_dist.engine.build import build_train_input
@@ -186,9 +186,7 @@ def main(argv=None) -> int:
     report = Report(NAME, "Input-path throughput: loaders x augmentation sets x workers", frame, rules, info,
                     plot=plot(frame), columns=["loader", "augment", "workers", "images", "seconds", "images_per_s",
                                                "vs_torchvision"])
-    if args.quick:
-        report.notes.append(f"--quick: {args.images} images per cell; the figures test the script, not the machine")
-    write_report(report, args.results, command_line(NAME, argv))
+    write_report(report, args, argv, quick_size=f"{args.images} images per cell")
     return 0
 
 

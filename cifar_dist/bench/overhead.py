@@ -26,7 +26,7 @@ import torch
 from cifar_dist.augment.mix import soft_target_cross_entropy
 from cifar_dist.augment.pipeline import make_generator
 from cifar_dist.bench.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                     command_line, csv_list, free_device_memory, hardware, quiet_trainer,
+                                     csv_list, free_device_memory, hardware, quiet_trainer,
                                      recipe_path, run_folder, run_main, synchronize, time_epoch, write_report)
 from cifar_dist.engine.build import Run, build_run
 from cifar_dist.engine.distributed import DistEnv
@@ -159,9 +159,7 @@ def main(argv=None) -> int:
     report = Report(NAME, "Framework overhead: Trainer vs bare loop", frame, rules, info, plot=plot(frame),
                     columns=["model", "widths", "batch", "amp", "compile", "ratio_median", "ratio_min", "ratio_max",
                              "trainer_images_per_s", "bare_images_per_s"])
-    if args.quick:
-        report.notes.append("--quick: tiny models and 3 steps; the figures test the script, not the machine")
-    write_report(report, args.results, command_line(NAME, argv))
+    write_report(report, args, argv, quick_size="tiny models and 3 steps")
     return 0
 
 

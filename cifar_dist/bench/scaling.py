@@ -29,7 +29,7 @@ import torch
 
 import cifar_dist
 from cifar_dist.bench.common import (BenchError, Report, add_common_arguments, bench_config, check_common_arguments,
-                                     command_line, csv_list, hardware, measure_epochs, recipe_path, run_main,
+                                     csv_list, hardware, measure_epochs, recipe_path, run_main,
                                      write_report)
 
 NAME = "scaling"
@@ -218,9 +218,7 @@ def main(argv=None) -> int:
                            "per_rank_images_per_s", "efficiency", "sync_bn", "note") if c in frame]
     report = Report(NAME, f"Scaling of the training step over ranks ({args.model})", frame, rules, info,
                     plot=plot(frame), columns=columns)
-    if args.quick:
-        report.notes.append("--quick: tiny model and 2 steps; the figures test the script, not the machine")
-    write_report(report, args.results, command_line(NAME, argv))
+    write_report(report, args, argv, quick_size="tiny model and 2 steps")
     if device.type == "cpu":
         print(f"note: on the CPU ({info['cpu_cores']} cores) this measures the overhead of DDP and gloo, not a "
               "speed-up")

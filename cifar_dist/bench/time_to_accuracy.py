@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from cifar_dist.bench.common import (BenchError, Report, add_common_arguments, bench_config,
-                                     check_common_arguments, command_line, free_device_memory, hardware,
+                                     check_common_arguments, free_device_memory, hardware,
                                      quiet_trainer, recipe_path, run_folder, run_main, synchronize, write_report)
 from cifar_dist.data.splits import load_split
 from cifar_dist.engine.distributed import DistEnv
@@ -178,10 +178,8 @@ def main(argv=None) -> int:
     report.notes.append("per run: " + "; ".join(
         f"run {r.run}: {'reached in ' + format(r.time_to_target_s, '.2f') + ' s' if r.reached else 'not reached'}"
         f" after {r.epochs} epochs, acc {r.acc:.4f}" for r in frame.itertuples()))
-    if args.quick:
-        report.notes.append("--quick: a tiny net on a subset; the figures test the script, not the machine")
     report.extra_csv["runs"] = frame
-    write_report(report, args.results, command_line(NAME, argv))
+    write_report(report, args, argv, quick_size="a tiny net on a subset")
     return 0
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from cifar_dist.bench.common import (BenchError, Report, add_common_arguments, bench_config, check_common_arguments,
-                                     command_line, csv_list, free_device_memory, hardware, quiet_trainer,
+                                     csv_list, free_device_memory, hardware, quiet_trainer,
                                      recipe_path, run_folder, run_main, synchronize, time_epoch, write_report)
 from cifar_dist.config import ConfigError
 from cifar_dist.data.cifar import DataError
@@ -244,9 +244,7 @@ def main(argv=None) -> int:
     report = Report(NAME, "Training-step throughput per model and toggle", frame, rules, info,
                     plot=plot(frame, args.models),
                     columns=["model", "toggle", "images_per_s", "vs_baseline", "step_ms", "peak_memory_mb", "note"])
-    if args.quick:
-        report.notes.append("--quick: tiny models and 2 steps; the figures test the script, not the machine")
-    write_report(report, args.results, command_line(NAME, argv))
+    write_report(report, args, argv, quick_size="tiny models and 2 steps")
     return 1 if failed else 0
 
 
