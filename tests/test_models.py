@@ -203,6 +203,21 @@ def test_whitening_init_decorrelates_held_out_patches():
     torch.testing.assert_close(weight[12:], -weight[:12])
 
 
+def test_whitening_keeps_its_weakest_directions_under_bf16_autocast():
+    train, held_out = load_normalized_batch("data_batch_1", 5000), load_normalized_batch("data_batch_2", 500)
+    model = build_model(ModelConfig(name="fast"))
+    model.init_from_data(train)
+    with torch.no_grad():
+        exact = torch.nn.functional.conv2d(held_out.double(), model.whiten.weight.double(),
+                                           model.whiten.bias.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = model.whiten(held_out)
+    assert outputs.dtype == torch.float32
+    # Relative rms error of the weakest direction (channel 11): measured 0.058 with the conv in bf16.
+    error = (outputs.double() - exact)[:, 11].pow(2).mean().sqrt() / exact[:, 11].pow(2).mean().sqrt()
+    assert error < 1e-5, error
+
+
 # --- summary ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
