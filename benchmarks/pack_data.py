@@ -22,7 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cifar_dist.atomic import atomic_write  # noqa: E402
-from cifar_dist.data.cifar import NUM_CLASSES, DataError, load_cifar10, read_npz, validate  # noqa: E402
+from cifar_dist.data.cifar import load_cifar10, read_npz, validate  # noqa: E402
+from cifar_dist.cifar10 import NUM_CLASSES
+from cifar_dist.errors import DataError
 
 MIB = 2**20
 ZIP_OVERHEAD_BYTES = 4096  # headers of four members and the central directory, with room to spare

@@ -6,15 +6,13 @@ import argparse
 import sys
 
 from cifar_dist.bench import BENCHMARKS
-from cifar_dist.config import ConfigError, load_config
-from cifar_dist.data.cifar import DataError
+from cifar_dist.config import load_config
+from cifar_dist.errors import ConfigError, ExitCode, UserError
 from cifar_dist.inference.inputs import LABEL_FORMATS
 from cifar_dist.inference.methods import METHODS
 
 EXPORT_FORMATS = ("onnx", "torchscript")  # `inference.export` imports torch, so they are named here
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 KEYS_HINT = "Config keys: `cifar-dist config [--config FILE] [key=value ...]` prints them all, resolved, with " \
             "their descriptions and allowed values."
 
@@ -232,14 +230,6 @@ COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "m
             "slurm": run_slurm, "sweep-summary": run_sweep_summary, "bench": run_bench}
 
 
-def _is_user_error(err: Exception) -> bool:
-    """Bad input (a config, data file or checkpoint), reported in one line with exit code 2."""
-    if isinstance(err, (ConfigError, DataError)):
-        return True
-    checkpoint = sys.modules.get("cifar_dist.engine.checkpoint")  # only loaded (with torch) when one was read
-    return checkpoint is not None and isinstance(err, checkpoint.CheckpointError)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in DELEGATED:  # their own parsers see every argument, --help included
@@ -248,14 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except Exception as err:
-        if not _is_user_error(err):
-            raise
+    except UserError as err:
         print(f"cifar-dist {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return ExitCode.USER_ERROR
     except KeyboardInterrupt:
         print(f"cifar-dist {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the config tree."""
+from cifar_dist.errors import ConfigError
 
 
 def option(default, help: str, choices: tuple = ()):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cifar_dist.config import ConfigError, load_config
+from cifar_dist.config import load_config
+from cifar_dist.errors import ExitCode, UserError
 
 
 def main(argv: list[str]) -> int:
@@ -24,9 +25,9 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, overrides)
         preflight(cfg)
         check_wandb(cfg.logging.wandb)
-    except ConfigError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.USER_ERROR
     print(cfg.data.loader)
     return 0
 

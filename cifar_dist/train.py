@@ -7,10 +7,9 @@ import os
 import shlex
 import sys
 
-from cifar_dist.config import ConfigError, load_config
-from cifar_dist.data.cifar import DataError
+from cifar_dist.config import load_config
+from cifar_dist.errors import ExitCode, UserError
 
-EXIT_CONFIG = 2
 RESUME_PREFIX_ENV = "CIFAR_DIST_COMMAND"  # how the user launched us, for the resume hint (set by launch/train)
 
 
@@ -33,12 +32,11 @@ def train_main(config_path: str | None, overrides: list[str]) -> int:
     """Load the config, join the process group, train; returns the exit code (see README)."""
     # cuBLAS needs this before its first call to be deterministic; harmless otherwise.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    from cifar_dist.engine.checkpoint import CheckpointError
     from cifar_dist.engine.distributed import barrier, init_distributed, shutdown
     from cifar_dist.engine.stopping import ignore_late_stop_signals
-    from cifar_dist.engine.trainer import EXIT_CODES, Outcome
+    from cifar_dist.engine.trainer import Outcome
 
-    code = EXIT_CONFIG
+    code = ExitCode.USER_ERROR
     try:
         cfg = load_config(config_path, overrides)
         env = init_distributed(cfg.train.device)
@@ -48,13 +46,13 @@ def train_main(config_path: str | None, overrides: list[str]) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: abort without waiting for the other ranks
         print("cifar-dist train: aborted by a second Ctrl-C; the run folder keeps its last complete checkpoint",
               file=sys.stderr, flush=True)
-        os._exit(130)
-    except (ConfigError, DataError, CheckpointError) as err:
+        os._exit(ExitCode.INTERRUPTED)
+    except UserError as err:
         print(f"cifar-dist train: error: {err}", file=sys.stderr)
     else:
-        code = EXIT_CODES[outcome]
+        code = outcome.exit_code
         if outcome in (Outcome.PREEMPTED, Outcome.INTERRUPTED) and env.is_main:
-            print(f"{outcome.value}: state saved in {run_dir}/last.pt (exit code {code}).\n"
+            print(f"{outcome.description}: state saved in {run_dir}/last.pt (exit code {int(code)}).\n"
                   f"To resume: {resume_command(config_path, overrides, run_dir)}", flush=True)
     finally:
         # The DDP module holds the process group. Collect it (and the reference cycles around the

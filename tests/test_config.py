@@ -5,7 +5,8 @@ import pytest
 
 import yaml
 
-from cifar_dist.config import ConfigError, config_from_dict, config_to_dict, config_to_yaml, iter_keys, load_config
+from cifar_dist.config import config_from_dict, config_to_dict, config_to_yaml, iter_keys, load_config
+from cifar_dist.errors import ConfigError
 from cifar_dist.engine.build import preflight
 from conftest import run_cli
 

@@ -15,7 +15,8 @@ import pytest
 
 from cifar_dist.config import load_config
 from cifar_dist.data.beton import checked_beton
-from cifar_dist.data.cifar import DataError, load_cifar10, read_unlabeled
+from cifar_dist.data.cifar import load_cifar10, read_unlabeled
+from cifar_dist.errors import DataError
 from cifar_dist.data.loaders import build_loader
 from cifar_dist.data.splits import stratified_split
 from conftest import REPO, balanced_labels, id_images, leftover_processes, run_cli, write_batches_folder

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_dist.config import ConfigError, load_config
+from cifar_dist.config import load_config
+from cifar_dist.errors import ConfigError
 from cifar_dist.engine.build import per_rank_batch_size, resolve_sync_bn
 from cifar_dist.engine.ema import EMA, NoEMA
 from cifar_dist.engine.evaluation import evaluate, tta_logits, tta_views

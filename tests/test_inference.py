@@ -19,10 +19,11 @@ from torch import nn
 from cifar_dist.augment.pipeline import EvalTransform
 from cifar_dist.cli import main
 from cifar_dist.config import config_to_dict, load_config
-from cifar_dist.data.cifar import CLASS_NAMES, read_image_pickle
+from cifar_dist.data.cifar import read_image_pickle
+from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine import checkpoint
 from cifar_dist.engine.build import build_model_for
-from cifar_dist.engine.checkpoint import CheckpointError
+from cifar_dist.errors import CheckpointError
 from cifar_dist.engine.evaluation import tta_views
 from cifar_dist.inference import export as export_module
 from cifar_dist.inference.checkpoints import load_model

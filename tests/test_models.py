@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cifar_dist.config import ModelConfig
-from cifar_dist.config import ConfigError
+from cifar_dist.errors import ConfigError
 from cifar_dist.models import MODELS, build_model, model_options
 from cifar_dist.models.summary import format_summary, summarize
 

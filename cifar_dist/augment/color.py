@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+from cifar_dist.cifar10 import CHANNEL_MEAN, CHANNEL_STD
+
 GRAYSCALE_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
 
 
@@ -38,13 +38,13 @@ def to_float01(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.to(torch.float32).div_(255.0)
 
 
-def channel_stats(device, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD):
+def channel_stats(device, mean: Sequence[float] = CHANNEL_MEAN, std: Sequence[float] = CHANNEL_STD):
     """Mean and std as (1, C, 1, 1) float32 tensors on device, to build once and reuse."""
     as_tensor = lambda values: torch.as_tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return as_tensor(mean), as_tensor(std)
 
 
-def normalize(images_float01: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+def normalize(images_float01: torch.Tensor, mean=CHANNEL_MEAN, std=CHANNEL_STD) -> torch.Tensor:
     """(x − mean) / std per channel; mean and std are sequences or tensors from `channel_stats`."""
     if not torch.is_tensor(mean) or not torch.is_tensor(std):
         mean, std = channel_stats(images_float01.device, mean, std)

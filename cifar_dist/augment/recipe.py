@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from cifar_dist.config import AugmentConfig, ConfigError
+from cifar_dist.config import AugmentConfig
+from cifar_dist.errors import ConfigError
 
 # The recipe keys the host path applies, with the value that switches each off on the device.
 HOST_OPS = {

@@ -26,6 +26,7 @@ import torch
 
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import Config, load_config
+from cifar_dist.errors import ConfigError, ExitCode, UserError
 from cifar_dist.hardware import cpu_model
 from cifar_dist.tables import markdown_table
 
@@ -34,10 +35,6 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when running
 RECIPES = {"attention_resnet": "default.yaml", "fast": "fast.yaml", "resnet18": "default.yaml"}
 # Settings every benchmark run gets: no downloads, no plots or wandb, a fresh run each time.
 QUIET_RUN = ("data.download=false", "logging.plot=false", "logging.wandb.mode=disabled", "train.resume=never")
-
-
-class BenchError(ValueError):
-    """Bad benchmark arguments or set-up: the message says what to change."""
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
@@ -73,7 +70,7 @@ def csv_list(text: str, allowed: tuple | None = None, what: str = "values") -> l
     items = [item.strip() for item in text.split(",") if item.strip()]
     unknown = [item for item in items if allowed is not None and item not in allowed]
     if unknown or not items:
-        raise BenchError(f"{what} takes a comma-separated subset of {', '.join(allowed or ())}; "
+        raise ConfigError(f"{what} takes a comma-separated subset of {', '.join(allowed or ())}; "
                          f"got {', '.join(unknown) or 'nothing'}")
     return items
 
@@ -113,7 +110,7 @@ def recipe_path(model: str) -> Path:
     for place in places:
         if place.is_file():
             return place
-    raise BenchError(f"the recipe of {model} ({name}) is not in {' or '.join(str(p.parent) for p in places)}; "
+    raise ConfigError(f"the recipe of {model} ({name}) is not in {' or '.join(str(p.parent) for p in places)}; "
                      "run from the repository root or pass --config FILE")
 
 
@@ -145,7 +142,7 @@ def time_epoch(trainer) -> float:
     synchronize(device)
     seconds = time.perf_counter() - started
     if outcome is not None:
-        raise BenchError(f"the training loop stopped early: {outcome.value}")
+        raise ConfigError(f"the training loop stopped early: {outcome.description}")
     trainer.close_epoch()
     return seconds
 
@@ -270,11 +267,8 @@ def write_report(report: Report, args: argparse.Namespace, argv: list[str] | Non
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
     """A benchmark's main with user errors as one line and exit code 2."""
-    from cifar_dist.config import ConfigError
-    from cifar_dist.data.cifar import DataError
-
     try:
         return main(argv)
-    except (BenchError, ConfigError, DataError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.USER_ERROR

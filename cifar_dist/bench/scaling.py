@@ -28,9 +28,10 @@ import pandas as pd
 import torch
 
 import cifar_dist
-from cifar_dist.bench.common import (BenchError, Report, add_common_arguments, bench_config, check_common_arguments,
+from cifar_dist.bench.common import (Report, add_common_arguments, bench_config, check_common_arguments,
                                      csv_list, hardware, measure_epochs, recipe_path, run_main,
                                      write_report)
+from cifar_dist.errors import ConfigError
 
 NAME = "scaling"
 MODES = ("weak", "strong")
@@ -81,11 +82,11 @@ def rank_counts(args) -> list[int]:
     try:
         ranks = sorted({int(r) for r in args.ranks.split(",") if r.strip()})
     except ValueError:
-        raise BenchError(f"--ranks takes comma-separated positive integers; got {args.ranks!r}") from None
+        raise ConfigError(f"--ranks takes comma-separated positive integers; got {args.ranks!r}") from None
     if not ranks or ranks[0] < 1:
-        raise BenchError(f"--ranks takes comma-separated positive integers; got {args.ranks!r}")
+        raise ConfigError(f"--ranks takes comma-separated positive integers; got {args.ranks!r}")
     if args.device == "cuda" and ranks[-1] > torch.cuda.device_count():
-        raise BenchError(f"--ranks asks for {ranks[-1]} ranks but torch sees {torch.cuda.device_count()} GPUs")
+        raise ConfigError(f"--ranks asks for {ranks[-1]} ranks but torch sees {torch.cuda.device_count()} GPUs")
     return ranks
 
 
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
         for n in ranks:
             batch = mode_batch(args, mode, n, recipe.train.global_batch_size)
             if batch % n:
-                raise BenchError(f"{mode} scaling at {n} ranks: the global batch {batch} does not divide; pick a "
+                raise ConfigError(f"{mode} scaling at {n} ranks: the global batch {batch} does not divide; pick a "
                                  f"--global-batch that is a multiple of {n}")
     rows, failed = [], 0
     with tempfile.TemporaryDirectory(prefix="cifar_dist_scaling_") as tmp:

@@ -29,12 +29,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from cifar_dist.bench.common import (BenchError, Report, add_common_arguments, bench_config,
+from cifar_dist.bench.common import (Report, add_common_arguments, bench_config,
                                      check_common_arguments, free_device_memory, hardware,
                                      quiet_trainer, recipe_path, run_folder, run_main, synchronize, write_report)
 from cifar_dist.data.splits import load_split
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.engine.evaluation import evaluate
+from cifar_dist.errors import ConfigError
 
 NAME = "time_to_accuracy"
 QUICK = ["model.widths=[8,16,16]", "train.global_batch_size=64", "train.epochs=2", "train.compile=false",
@@ -98,7 +99,7 @@ def one_run(cfg, env: DistEnv, target: float, budget_s: float, run_index: int) -
                 synchronize(device)
                 timed_s += time.perf_counter() - started
                 if outcome is not None:
-                    raise BenchError(f"the run stopped early: {outcome.value}")
+                    raise ConfigError(f"the run stopped early: {outcome.description}")
                 trainer.close_epoch()
                 started = time.perf_counter()
                 result = evaluate(run.net, run.eval_loader, run.eval_transform, cfg.model.num_classes,

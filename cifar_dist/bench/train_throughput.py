@@ -25,12 +25,11 @@ from statistics import median
 import pandas as pd
 import torch
 
-from cifar_dist.bench.common import (BenchError, Report, add_common_arguments, bench_config, check_common_arguments,
+from cifar_dist.bench.common import (Report, add_common_arguments, bench_config, check_common_arguments,
                                      csv_list, free_device_memory, hardware, quiet_trainer,
                                      recipe_path, run_folder, run_main, synchronize, time_epoch, write_report)
-from cifar_dist.config import ConfigError
-from cifar_dist.data.cifar import DataError
 from cifar_dist.engine.distributed import DistEnv
+from cifar_dist.errors import UserError
 
 NAME = "train_throughput"
 MODELS = ("attention_resnet", "fast", "resnet18")
@@ -163,7 +162,7 @@ def guarded(row: Row, action, *args) -> bool:
     try:
         action(*args)
         return True
-    except (BenchError, ConfigError, DataError):
+    except UserError:
         raise
     except Exception as err:
         traceback.print_exc()

@@ -15,7 +15,9 @@ import numpy as np
 
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import DataConfig
-from cifar_dist.data.cifar import CLASS_NAMES, NUM_CLASSES, DataError, load_cifar10, sha256_file
+from cifar_dist.data.cifar import load_cifar10, sha256_file
+from cifar_dist.cifar10 import CLASS_NAMES, NUM_CLASSES
+from cifar_dist.errors import DataError
 from cifar_dist.data.splits import SPLITS, split_arrays
 from cifar_dist.lifetime import children_die_with_parent
 

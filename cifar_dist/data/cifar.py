@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-NUM_CLASSES = 10
-CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+from cifar_dist.cifar10 import NUM_CLASSES
+from cifar_dist.errors import DataError
+
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 FOLDER_NAME = "cifar-10-batches-py"
@@ -24,10 +25,6 @@ ARCHIVE_NAME = "cifar-10-python.tar.gz"
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 EXPECTED_COUNTS = {"train": 50_000, "test": 10_000}
-
-
-class DataError(RuntimeError):
-    """Input data that is missing or not what CIFAR-10 should be."""
 
 
 @dataclass

@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cifar_dist.augment.pipeline import EvalTransform, TrainAugment
 from cifar_dist.augment.recipe import check_loader_support, device_part
-from cifar_dist.config import Config, ConfigError
+from cifar_dist.config import Config
+from cifar_dist.errors import ConfigError
 from cifar_dist.data.loaders import GpuLoader, build_loader
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.engine.ema import EMA, NoEMA

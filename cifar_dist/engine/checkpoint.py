@@ -18,15 +18,12 @@ import cifar_dist
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import Config, config_to_dict
 from cifar_dist.engine.distributed import DistEnv, average_tensors_, gather_objects
+from cifar_dist.errors import CheckpointError
 from cifar_dist.models import model_options
 
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
 FORMAT_VERSION = 2
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the run."""
 
 
 @dataclass

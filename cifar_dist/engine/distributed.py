@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from cifar_dist.errors import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -53,7 +55,7 @@ def read_launch_env() -> tuple[int, int, int]:
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     if preference != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())

@@ -18,7 +18,8 @@ import math
 import torch
 from torch import nn
 
-from cifar_dist.config import ConfigError, TrainConfig
+from cifar_dist.config import TrainConfig
+from cifar_dist.errors import ConfigError
 
 
 def sgd_rates(tc: TrainConfig, global_batch_size: int) -> tuple[float, float]:

@@ -24,7 +24,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cifar_dist.atomic import atomic_write, write_csv
-from cifar_dist.config import ConfigError, LoggingConfig, WandbConfig
+from cifar_dist.config import LoggingConfig, WandbConfig
+from cifar_dist.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.csv"

@@ -18,7 +18,7 @@ import torch
 from cifar_dist.augment.mix import soft_target_cross_entropy
 from cifar_dist.augment.pipeline import make_generator
 from cifar_dist.config import Config, config_to_dict
-from cifar_dist.data.cifar import CLASS_NAMES
+from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine import checkpoint
 from cifar_dist.engine.build import build_run
 from cifar_dist.engine.checkpoint import LAST, Progress, float_buffers
@@ -27,19 +27,26 @@ from cifar_dist.engine.evaluation import evaluate
 from cifar_dist.engine.reporting import RunLogger, check_wandb
 from cifar_dist.engine.run_dir import resolve_run_dir, write_run_description
 from cifar_dist.engine.stopping import INTERRUPT, StopRequests
+from cifar_dist.errors import ExitCode
 from cifar_dist.inference.metrics import per_class_scores
 
 
 class Outcome(enum.Enum):
-    FINISHED = "finished"
-    MAX_STEPS = "reached train.max_steps"
-    PREEMPTED = "stopped by SIGTERM/SIGUSR2"
-    INTERRUPTED = "stopped by Ctrl-C"
-    DIVERGED = "stopped: the loss is not finite"
+    """How `Trainer.fit` ended: (what happened, the exit code it maps to)."""
 
+    FINISHED = ("finished", ExitCode.FINISHED)
+    MAX_STEPS = ("reached train.max_steps", ExitCode.FINISHED)
+    PREEMPTED = ("stopped by SIGTERM/SIGUSR2", ExitCode.PREEMPTED)
+    INTERRUPTED = ("stopped by Ctrl-C", ExitCode.INTERRUPTED)
+    DIVERGED = ("stopped: the loss is not finite", ExitCode.DIVERGED)
 
-EXIT_CODES = {Outcome.FINISHED: 0, Outcome.MAX_STEPS: 0, Outcome.PREEMPTED: 75, Outcome.INTERRUPTED: 130,
-              Outcome.DIVERGED: 3}
+    @property
+    def description(self) -> str:
+        return self.value[0]
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return self.value[1]
 
 
 class StepFlags(NamedTuple):
@@ -99,7 +106,7 @@ class Trainer:
         self.last_checkpoint_time = time.monotonic()
 
     def fit(self) -> Outcome:
-        """Train to train.epochs, or until stopped; the Outcome maps to the exit code (EXIT_CODES)."""
+        """Train to train.epochs, or until stopped; the Outcome carries its exit code."""
         with self.stops:
             try:
                 return self._fit()

@@ -17,7 +17,7 @@ from torch import nn
 from cifar_dist.config import Config, apply_overrides, config_from_dict, load_config
 from cifar_dist.engine import checkpoint
 from cifar_dist.engine.build import build_model_for
-from cifar_dist.engine.checkpoint import CheckpointError
+from cifar_dist.errors import CheckpointError
 
 WEIGHTS = ("model", "ema")
 # Reference module → the prefixes of ours that hold the same tensors, in the same order.

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_dist.data.cifar import NUM_CLASSES, DataError
+from cifar_dist.cifar10 import NUM_CLASSES
+from cifar_dist.errors import DataError
 from cifar_dist.engine.distributed import process_group
 from cifar_dist.inference.checkpoints import load_model
 from cifar_dist.inference.inputs import read_image_file, read_submission, write_submission

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar_dist.atomic import atomic_write, write_csv
-from cifar_dist.data.cifar import CLASS_NAMES
+from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine.distributed import process_group
 from cifar_dist.inference import metrics, plots
 from cifar_dist.inference.checkpoints import load_model

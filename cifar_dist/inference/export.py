@@ -18,7 +18,7 @@ from torch import nn
 
 from cifar_dist.atomic import atomic_write
 from cifar_dist.augment import color
-from cifar_dist.config import ConfigError
+from cifar_dist.errors import ConfigError
 from cifar_dist.inference.checkpoints import load_model
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from cifar_dist.atomic import write_csv
-from cifar_dist.data.cifar import CLASS_NAMES, NUM_CLASSES, DataError, read_image_pickle, rows_to_nhwc
+from cifar_dist.data.cifar import read_image_pickle, rows_to_nhwc
+from cifar_dist.cifar10 import CLASS_NAMES, NUM_CLASSES
+from cifar_dist.errors import DataError
 
 SUBMISSION_HEADER = ["ID", "Labels"]
 LABEL_FORMATS = ("index", "name")

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar_dist.atomic import atomic_write
-from cifar_dist.data.cifar import CLASS_NAMES
+from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine.distributed import process_group
 from cifar_dist.inference.checkpoints import LoadedModel, load_model
 from cifar_dist.inference.inputs import read_image_file, write_submission

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cifar_dist.config import ConfigError
+from cifar_dist.errors import ConfigError
 from cifar_dist.engine.build import autocast_context, build_array_input, build_eval_input, resolve_amp_dtype
 from cifar_dist.engine.distributed import DistEnv, gather_objects
 from cifar_dist.engine.evaluation import tta_views

@@ -3,8 +3,9 @@
 What `launch/train` runs. Like `torchrun --standalone` it starts one trainer per rank with RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (a free loopback port) set, and restarts the
 whole group when a worker crashes; the restarted group resumes from last.pt. Unlike torchrun:
-- the trainer's own exit codes are final, and the launcher ends with them, without a traceback:
-  0 finished, 2 bad config/data/checkpoint, 3 diverged, 75 stopped by SIGTERM/SIGUSR2, 130 by Ctrl-C;
+- the trainer's own exit codes (`errors.ExitCode`: 0 finished, 2 bad config/data/checkpoint, 3 diverged,
+  75 stopped by SIGTERM/SIGUSR2, 130 by Ctrl-C) are final, and the launcher ends with them, without a
+  traceback; only a crash (any other code, or a killed worker) restarts the group;
 - signals are forwarded once: a first Ctrl-C (SIGINT), SIGTERM or SIGUSR2 reaches every worker,
   which finishes its step, writes last.pt and exits; no restart follows. A second Ctrl-C kills the
   workers at once.
@@ -22,23 +23,25 @@ import sys
 import time
 import uuid
 
+from cifar_dist.errors import ExitCode, describe_exit
 from cifar_dist.lifetime import die_with_parent
 
-FINAL_CODES = {0: "finished", 2: "bad config, data or checkpoint", 3: "diverged",
-               75: "stopped by SIGTERM/SIGUSR2", 130: "stopped by Ctrl-C"}
 GRACE_S = 60.0  # how long the other ranks may take to follow a rank that ended with a final code
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+# When ranks end differently, the code the group reports: a stop the user asked for first, then one
+# a scheduler should requeue, then the failures that need the user.
+PRECEDENCE = (ExitCode.INTERRUPTED, ExitCode.PREEMPTED, ExitCode.DIVERGED, ExitCode.USER_ERROR)
+
+
+def is_final(code: int) -> bool:
+    """A worker's code that ends the group for good (no restart): one of the trainer's own, but a crash."""
+    return code in ExitCode._value2member_map_ and ExitCode(code).final
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def describe(code: int) -> str:
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}" + (f" ({FINAL_CODES[code]})" if code in FINAL_CODES else "")
 
 
 class LocalGroup:
@@ -89,7 +92,7 @@ class LocalGroup:
         first_final = None
         while self.alive():
             codes = [p.poll() for p in self.procs]
-            if any(c is not None and c not in FINAL_CODES for c in codes):
+            if any(c is not None and not is_final(c) for c in codes):
                 self.kill()
             elif any(c not in (None, 0) for c in codes):
                 first_final = first_final or time.monotonic()
@@ -99,11 +102,11 @@ class LocalGroup:
         return [p.wait() for p in self.procs]
 
 
-def exit_code(codes: list[int]) -> int:
-    """The group's code: the most telling final code, or 1 for a crash."""
-    if any(c not in FINAL_CODES for c in codes):
-        return 1
-    return next((c for c in (130, 75, 3, 2) if c in codes), 0)
+def exit_code(codes: list[int]) -> ExitCode:
+    """The group's code: the most telling final code, or CRASHED."""
+    if not all(is_final(c) for c in codes):
+        return ExitCode.CRASHED
+    return next((c for c in PRECEDENCE if c in codes), ExitCode.FINISHED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,17 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         group.start(attempt)
         codes = group.wait()
         if group.interrupts >= 2:
-            return 130
+            return ExitCode.INTERRUPTED
         code = exit_code(codes)
-        if code != 1:
+        if code != ExitCode.CRASHED:
             return code
-        failed = ", ".join(f"rank {r}: {describe(c)}" for r, c in enumerate(codes) if c not in FINAL_CODES)
+        failed = ", ".join(f"rank {r}: {describe_exit(c)}" for r, c in enumerate(codes) if not is_final(c))
         if group.stop_requested or attempt == args.max_restarts:
             print(f"launch: the group failed ({failed}); no restart left", file=sys.stderr, flush=True)
-            return 1
+            return ExitCode.CRASHED
         print(f"launch: the group failed ({failed}); restart {attempt + 1} of {args.max_restarts} resumes "
               "from last.pt", file=sys.stderr, flush=True)
-    return 1
+    return ExitCode.CRASHED
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ from datetime import datetime
 from pathlib import Path
 
 from cifar_dist.atomic import atomic_write
-from cifar_dist.config import ConfigError, load_config, parse_override
+from cifar_dist.config import load_config, parse_override
+from cifar_dist.errors import ConfigError, ExitCode
 
 SLURM_STATE_FILE = "slurm.json"
-EXIT_PREEMPTED = 75
 
 
 def require_submitit():
@@ -108,12 +108,12 @@ class SlurmTraining:
         code = train_main(self.config_path, [*self.overrides, f"run.dir={self.run_dir}"])
         if is_main:
             self._after(code, job_id, ledger)
-        if code not in (0, EXIT_PREEMPTED):
+        if code not in (ExitCode.FINISHED, ExitCode.PREEMPTED):
             raise RuntimeError(f"training in {self.run_dir} ended with exit code {code}; not requeued")
         return code
 
     def _after(self, code: int, job_id: str, ledger: RequeueLedger) -> None:
-        if code != EXIT_PREEMPTED:
+        if code != ExitCode.PREEMPTED:
             ledger.update(status="finished" if code == 0 else "failed", exit_code=code)
             return
         state = job_state(job_id)
@@ -249,8 +249,7 @@ def submit(argv: list[str]) -> int:
         if args.cluster == "slurm":
             refusal = sbatch_refusal(script)
             if refusal:
-                print(f"cifar-dist slurm: error: sbatch refused the job: {refusal}", file=sys.stderr)
-                return 2
+                raise ConfigError(f"sbatch refused the job: {refusal}")
         with executor.batch():
             jobs = [executor.submit(job) for job in callables]
     finally:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
 from cifar_dist.atomic import atomic_write
+from cifar_dist.errors import ConfigError
 from cifar_dist.tables import markdown_table
 
 SUMMARY_NAME = "sweep_summary"
@@ -70,7 +70,7 @@ def collect(root: Path):
 
     runs = sorted({path.parent for path in Path(root).rglob("config.yaml")})
     if not runs:
-        raise FileNotFoundError(f"no runs under {root}: expected folders holding the config.yaml the trainer writes")
+        raise ConfigError(f"no runs under {root}: expected folders holding the config.yaml the trainer writes")
     configs, rows = zip(*(run_row(run) for run in runs))
     keys = sorted({key for config in configs for key in config})
     swept = [key for key in keys if len({str(config.get(key)) for config in configs}) > 1 and key != "run.name"]
@@ -86,15 +86,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sort-by", default="best_val_acc", help="column to sort by, descending")
     parser.add_argument("--out", type=Path, help="folder for sweep_summary.csv/.md (default: root)")
     args = parser.parse_args(argv)
-    try:
-        table = collect(args.root)
-    except FileNotFoundError as err:
-        print(f"cifar-dist sweep-summary: error: {err}", file=sys.stderr)
-        return 2
+    table = collect(args.root)
     if args.sort_by not in table:
-        print(f"cifar-dist sweep-summary: error: --sort-by {args.sort_by!r} is not a column; "
-              f"columns: {', '.join(table.columns)}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--sort-by {args.sort_by!r} is not a column; columns: {', '.join(table.columns)}")
     table = table.sort_values(args.sort_by, ascending=False, kind="stable")
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)

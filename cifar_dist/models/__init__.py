@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from cifar_dist.config import ConfigError, ModelConfig
+from cifar_dist.config import ModelConfig
+from cifar_dist.errors import ConfigError
 from cifar_dist.models.registry import MODELS, ModelEntry, register_model
 from cifar_dist.models import attention_resnet, fast, resnet  # noqa: F401  (they register themselves)
 
