@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cifar_dist.bench import BENCHMARKS
-from cifar_dist.config import load_config
+from cifar_dist.benchmarks import BENCHMARKS
+from cifar_dist.config import KEYS_HINT, load_config
 from cifar_dist.errors import ConfigError, ExitCode, UserError
 from cifar_dist.inference.inputs import LABEL_FORMATS
 from cifar_dist.inference.methods import METHODS
 
 EXPORT_FORMATS = ("onnx", "torchscript")  # `inference.export` imports torch, so they are named here
 
-KEYS_HINT = "Config keys: `cifar-dist config [--config FILE] [key=value ...]` prints them all, resolved, with " \
-            "their descriptions and allowed values."
 
 
 DELEGATED = {
@@ -208,13 +206,13 @@ def run_export(args) -> int:
 
 
 def run_slurm(args) -> int:
-    from cifar_dist.launchers.slurm import submit
+    from cifar_dist.launch.slurm import submit
 
     return submit(args.args)
 
 
 def run_sweep_summary(args) -> int:
-    from cifar_dist.launchers.sweeps import main
+    from cifar_dist.analysis.sweep_summary import main
 
     return main(args.args)
 
@@ -222,7 +220,7 @@ def run_sweep_summary(args) -> int:
 def run_bench(args) -> int:
     import importlib
 
-    return importlib.import_module(f"cifar_dist.bench.{args.name}").cli(args.args)
+    return importlib.import_module(f"cifar_dist.benchmarks.{args.name}").cli(args.args)
 
 
 COMMANDS = {"config": run_config, "prepare": run_prepare, "train": run_train, "model-summary": run_model_summary,

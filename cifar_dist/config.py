@@ -18,6 +18,9 @@ import yaml
 
 from cifar_dist.errors import ConfigError
 
+KEYS_HINT = ("Config keys: `cifar-dist config [--config FILE] [key=value ...]` prints them all, resolved, with "
+             "their descriptions and allowed values.")
+
 
 def option(default, help: str, choices: tuple = ()):
     """One config key: its default, its description and, where it is a choice, the values allowed."""

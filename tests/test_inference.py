@@ -26,7 +26,7 @@ from cifar_dist.engine.build import build_model_for
 from cifar_dist.errors import CheckpointError
 from cifar_dist.engine.evaluation import tta_views
 from cifar_dist.inference import export as export_module
-from cifar_dist.inference.checkpoints import load_model
+from cifar_dist.inference.weights import load_model
 from cifar_dist.inference.ensemble import majority_vote
 from cifar_dist.inference.methods import Fit, FitStore, apply_fit, fit_offsets, fit_threshold, with_offsets
 from cifar_dist.inference.scoring import view_probabilities

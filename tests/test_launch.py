@@ -66,7 +66,7 @@ def test_second_ctrl_c_aborts_at_once_and_leaves_no_worker(data_root, tmp_path):
 
 
 def test_a_crashed_rank_restarts_the_group_which_resumes(data_root, tmp_path):
-    cmd = [sys.executable, "-m", "cifar_dist.launchers.local", "--nproc", "2", "--max-restarts", "1", "--",
+    cmd = [sys.executable, "-m", "cifar_dist.launch.local", "--nproc", "2", "--max-restarts", "1", "--",
            *tiny_args(data_root, tmp_path, "train.epochs=3")]
     code, output = start_and_act(cmd, "epoch 2 step 4/", kill_last_worker)
     assert code == 0, output[-8000:]

@@ -166,7 +166,7 @@ def test_two_ranks_sigterm_resume_bitwise_ema_identical_and_exact_counts(data_ro
     assert [h["val_count"] for h in ranks[0]["history"]] == [50, 50]
 
     # The one-node launcher of launch/train (torchrun's own agent turns a worker's 75 into its exit 1).
-    cmd = [sys.executable, "-m", "cifar_dist.launchers.local", "--nproc", "2", "--",
+    cmd = [sys.executable, "-m", "cifar_dist.launch.local", "--nproc", "2", "--",
            *tiny_args(data_root, tmp_path / "i")]
     code, output = start_and_signal(cmd, "epoch 2 step 1/")  # 13 steps of slack for the launcher to forward it
     assert code == EXIT_PREEMPTED, output[-3000:]

@@ -1,4 +1,4 @@
-"""Mixup and cutmix on whole batches, soft targets, and the loss that reads them.
+"""Mixup and cutmix on whole batches, and their soft targets (the loss that reads them: engine/loss.py).
 
 One of {none, mixup, cutmix} is chosen per batch, with one λ per batch (timm's convention): the
 batch is mixed with a permutation of itself, image i with image perm[i]. The choice, λ and
@@ -126,20 +126,3 @@ def mix_batch(
     targets = lam * targets + (1.0 - lam) * targets[perm]
     return mixed, targets, {"kind": kind, "lam": lam, "perm": perm}
 
-
-def soft_target_cross_entropy(
-    logits: torch.Tensor, soft_targets: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
-) -> torch.Tensor:
-    """Cross-entropy against soft targets smoothed as t·(1 − ε) + ε/C, in float32; reduction mean, sum
-    or none (one loss per image).
-
-    For one-hot targets it equals `F.cross_entropy(logits, labels, label_smoothing=ε, reduction=...)`.
-    """
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    targets = soft_targets.float()
-    if label_smoothing > 0:
-        targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
-    losses = -(targets * log_probs).sum(dim=-1)
-    if reduction == "none":
-        return losses
-    return losses.sum() if reduction == "sum" else losses.mean()

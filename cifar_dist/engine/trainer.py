@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import torch
 
-from cifar_dist.augment.mix import soft_target_cross_entropy
 from cifar_dist.augment.pipeline import make_generator
 from cifar_dist.config import Config, config_to_dict
 from cifar_dist.cifar10 import CLASS_NAMES
@@ -24,11 +23,12 @@ from cifar_dist.engine.build import build_run
 from cifar_dist.engine.checkpoint import LAST, Progress, float_buffers
 from cifar_dist.engine.distributed import DistEnv, all_reduce_, average_tensors_
 from cifar_dist.engine.evaluation import evaluate
+from cifar_dist.engine.loss import soft_target_cross_entropy
 from cifar_dist.engine.reporting import RunLogger, check_wandb
 from cifar_dist.engine.run_dir import resolve_run_dir, write_run_description
 from cifar_dist.engine.stopping import INTERRUPT, StopRequests
 from cifar_dist.errors import ExitCode
-from cifar_dist.inference.metrics import per_class_scores
+from cifar_dist.metrics import per_class_scores
 
 
 class Outcome(enum.Enum):

@@ -9,7 +9,7 @@ import numpy as np
 from cifar_dist.cifar10 import NUM_CLASSES
 from cifar_dist.errors import DataError
 from cifar_dist.engine.distributed import process_group
-from cifar_dist.inference.checkpoints import load_model
+from cifar_dist.inference.weights import load_model
 from cifar_dist.inference.inputs import read_image_file, read_submission, write_submission
 from cifar_dist.inference.methods import accuracy
 from cifar_dist.inference.predict import write_outputs

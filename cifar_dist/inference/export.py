@@ -19,7 +19,7 @@ from torch import nn
 from cifar_dist.atomic import atomic_write
 from cifar_dist.augment import color
 from cifar_dist.errors import ConfigError
-from cifar_dist.inference.checkpoints import load_model
+from cifar_dist.inference.weights import load_model
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 ONNX_OPSET = 17

@@ -8,7 +8,7 @@ import numpy as np
 from cifar_dist.atomic import atomic_write
 from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine.distributed import process_group
-from cifar_dist.inference.checkpoints import LoadedModel, load_model
+from cifar_dist.inference.weights import LoadedModel, load_model
 from cifar_dist.inference.inputs import read_image_file, write_submission
 from cifar_dist.inference.methods import FITTED_METHODS, Fit, FitStore, accuracy, apply_fit, fit
 from cifar_dist.inference.scoring import DEFAULT_BATCH_SIZE, Scorer, require_val_split

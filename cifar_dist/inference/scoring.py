@@ -8,7 +8,7 @@ from cifar_dist.errors import ConfigError
 from cifar_dist.engine.build import autocast_context, build_array_input, build_eval_input, resolve_amp_dtype
 from cifar_dist.engine.distributed import DistEnv, gather_objects
 from cifar_dist.engine.evaluation import tta_views
-from cifar_dist.inference.checkpoints import LoadedModel
+from cifar_dist.inference.weights import LoadedModel
 
 DEFAULT_BATCH_SIZE = 500
 

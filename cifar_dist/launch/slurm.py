@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cifar_dist.atomic import atomic_write
-from cifar_dist.config import load_config, parse_override
+from cifar_dist.config import KEYS_HINT, load_config, parse_override
 from cifar_dist.errors import ConfigError, ExitCode
 
 SLURM_STATE_FILE = "slurm.json"
@@ -189,8 +189,6 @@ def executor_for(args, folder: Path, tasks_per_node: int):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from cifar_dist.cli import KEYS_HINT
-
     parser = argparse.ArgumentParser(prog="cifar-dist slurm", description=__doc__.split("\n\n")[0],
                                      epilog=KEYS_HINT)
     add = parser.add_argument

@@ -1,6 +1,6 @@
 """Small queries the shell launchers make about a command line's config.
 
-`python -m cifar_dist.launch_info loader [--config FILE] [key=value ...]` checks the config as the
+`python -m cifar_dist.launch.preflight loader [--config FILE] [key=value ...]` checks the config as the
 trainer will (keys, model name and options, what the loader supports, wandb credentials) and prints
 data.loader, or the error and exit code 2, so a launcher stops before starting any worker.
 """

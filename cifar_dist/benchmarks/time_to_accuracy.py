@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from cifar_dist.bench.common import (Report, add_common_arguments, bench_config,
+from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config,
                                      check_common_arguments, free_device_memory, hardware,
                                      quiet_trainer, recipe_path, run_folder, run_main, synchronize, write_report)
 from cifar_dist.data.splits import load_split

@@ -1,4 +1,4 @@
-"""One node, N ranks: `python -m cifar_dist.launchers.local --nproc N [--max-restarts R] -- [train args]`.
+"""One node, N ranks: `python -m cifar_dist.launch.local --nproc N [--max-restarts R] -- [train args]`.
 
 What `launch/train` runs. Like `torchrun --standalone` it starts one trainer per rank with RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (a free loopback port) set, and restarts the
@@ -110,7 +110,7 @@ def exit_code(codes: list[int]) -> ExitCode:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cifar_dist.launchers.local", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cifar_dist.launch.local", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=1, help="ranks (one per GPU)")
     parser.add_argument("--max-restarts", type=int, default=3, help="restarts of the group after a crash")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the trainer's arguments")

@@ -23,12 +23,12 @@ from statistics import median
 import pandas as pd
 import torch
 
-from cifar_dist.augment.mix import soft_target_cross_entropy
 from cifar_dist.augment.pipeline import make_generator
-from cifar_dist.bench.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                     csv_list, free_device_memory, hardware, quiet_trainer,
-                                     recipe_path, run_folder, run_main, synchronize, time_epoch, write_report)
+from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
+                                         csv_list, free_device_memory, hardware, quiet_trainer,
+                                         recipe_path, run_folder, run_main, synchronize, time_epoch, write_report)
 from cifar_dist.engine.build import Run, build_run
+from cifar_dist.engine.loss import soft_target_cross_entropy
 from cifar_dist.engine.distributed import DistEnv
 
 NAME = "overhead"

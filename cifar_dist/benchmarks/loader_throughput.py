@@ -31,8 +31,8 @@ import pandas as pd
 import torch
 
 from cifar_dist.augment.pipeline import make_generator
-from cifar_dist.bench.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                     csv_list, hardware, run_main, synchronize, write_report)
+from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
+                                         csv_list, hardware, run_main, synchronize, write_report)
 from cifar_dist.config import AugmentConfig, Config
 from cifar_dist.data.beton import prepare
 from cifar_dist.engine.build import build_train_input

@@ -225,7 +225,7 @@ def draw_png(plot: Callable, path: Path) -> bool:
 
 
 def command_line(name: str, argv: list[str] | None) -> str:
-    """The command that reproduces a run (`python benchmarks/<name>.py ...` runs the same code)."""
+    """The command that reproduces a run."""
     return shlex.join(["cifar-dist", "bench", name, *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 
 import cifar_dist
-from cifar_dist.bench.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                     csv_list, hardware, measure_epochs, recipe_path, run_main,
-                                     write_report)
+from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
+                                         csv_list, hardware, measure_epochs, recipe_path, run_main,
+                                         write_report)
 from cifar_dist.errors import ConfigError
 
 NAME = "scaling"
@@ -133,7 +133,7 @@ def launch(args, ranks: int, folder: Path) -> tuple[int, str]:
     """Run the worker on `ranks` ranks under torchrun; (exit code, last lines of its output)."""
     threads = max(1, args.threads)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-               "-m", "cifar_dist.bench.scaling", "--worker", str(folder), "--model", args.model,
+               "-m", "cifar_dist.benchmarks.scaling", "--worker", str(folder), "--model", args.model,
                *(["--config", str(args.config)] if args.config else []), "--modes", ",".join(args.modes),
                "--per-rank-batch", str(args.per_rank_batch), "--global-batch", str(args.global_batch),
                "--steps", str(args.steps), "--repeats", str(args.repeats), "--device", args.device,

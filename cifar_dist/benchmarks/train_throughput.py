@@ -25,9 +25,9 @@ from statistics import median
 import pandas as pd
 import torch
 
-from cifar_dist.bench.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                     csv_list, free_device_memory, hardware, quiet_trainer,
-                                     recipe_path, run_folder, run_main, synchronize, time_epoch, write_report)
+from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
+                                         csv_list, free_device_memory, hardware, quiet_trainer,
+                                         recipe_path, run_folder, run_main, synchronize, time_epoch, write_report)
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.errors import UserError
 

@@ -1,0 +1,1 @@
+"""Reading finished runs: comparisons of their accuracies."""
