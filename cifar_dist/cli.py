@@ -154,9 +154,9 @@ def run_model_summary(args) -> int:
     from cifar_dist.models.summary import format_summary, summarize
 
     if args.name is None:
-        cfg = load_config(args.config, args.overrides)
+        load_config(args.config, args.overrides)  # imports run.imports, which may register more models
         for name, entry in MODELS.items():
-            options = ", ".join(f"model.{key}={getattr(cfg.model, key)}" for key in entry.options) or "no options"
+            options = ", ".join(f"model.{key.name}={key.default}" for key in entry.options) or "no options"
             print(f"{name:<18} {entry.description}\n{'':<18} options: {options}")
         return 0
     cfg = load_config(args.config, [f"model.name={args.name}", *args.overrides])

@@ -1,15 +1,18 @@
 """Typed config tree: dataclass defaults, YAML files and dotted command-line overrides.
 
-`load_config(yaml_path, ["train.epochs=3", "data.loader=gpu"])` returns a `Config`. Every key is
-declared once below with `option(default, help, choices)`: its default, its one-line description
-(shown by `cifar-dist config`) and, for a word, the words allowed. An unknown key or a value of
-the wrong type is a `ConfigError` that names the key, what was expected and what was found.
-This module imports no model: `model.name` is checked against the registry when the model is built.
+`load_config(yaml_path, ["train.epochs=3", "data.loader=gpu"])` returns a validated `Config`. Every
+key is declared once below with `option(default, help, choices=..., range=...)` (see `keys.Key`):
+its default, its one-line description (shown by `cifar-dist config`) and the values it allows. A
+model's own keys (`model.widths`, ...) are declared by the model at registration; the `model` section
+is checked against the registry, which imports the models (and torch) on first use. An unknown key, a
+value of the wrong type or out of range is a `ConfigError` that names the key, what was expected and
+what was found. Rules between keys (mixup + cutmix ≤ 1, ...) are in `validate`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +20,20 @@ from pathlib import Path
 import yaml
 
 from cifar_dist.errors import ConfigError
+from cifar_dist.keys import Key, coerce
 
 KEYS_HINT = ("Config keys: `cifar-dist config [--config FILE] [key=value ...]` prints them all, resolved, with "
              "their descriptions and allowed values.")
+AT_LEAST_0, AT_LEAST_1, ABOVE_0, FRACTION, PROBABILITY = "[0, inf)", "[1, inf)", "(0, inf)", "[0, 1)", "[0, 1]"
+TTA_LEVELS = (0, 1, 2, "heavy")  # `engine.evaluation.tta_views` says what each level averages
 
 
-def option(default, help: str, choices: tuple = ()):
-    """One config key: its default, its description and, where it is a choice, the values allowed."""
+def option(default, help: str, choices: tuple = (), range: str = "", check=None):
+    """One config key as a dataclass field: its declaration (`keys.Key`) rides in the field's metadata."""
+    key = Key(default, help, tuple(choices), range, check)
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
-    return field(default=default, metadata={"help": help, "choices": choices})
+        return field(default_factory=lambda: list(default), metadata={"key": key})
+    return field(default=default, metadata={"key": key})
 
 
 @dataclass
@@ -36,12 +43,13 @@ class DataConfig:
     npz_name: str = option("cifar10.npz", "file name of the .npz form (x_train, y_train, x_test, y_test; NHWC uint8)")
     require_full_size: bool = option(True, "insist on 50,000/10,000 balanced images; false admits smaller sets")
     beton_dir: str = option("", "where `cifar-dist prepare` writes the .beton files (empty: <root>/beton)")
-    val_fraction: float = option(0.1, "share of each class held out of train as the val split (0: evaluate on test)")
+    val_fraction: float = option(0.1, "share of each class held out of train as the val split (0: evaluate on test)",
+                                 range=FRACTION)
     split_seed: int = option(0, "seed of the stratified train/val split")
     loader: str = option("ffcv", "input path: FFCV betons, the whole split resident on the device, or "
                          "per-image PIL transforms in DataLoader workers (baseline)", ("ffcv", "gpu", "torchvision"))
-    num_workers: int = option(2, "worker threads (ffcv) or processes (torchvision) per rank")
-    train_subset: int = option(0, "train on the first N images of the train split only (0: all)")
+    num_workers: int = option(2, "worker threads (ffcv) or processes (torchvision) per rank", range=AT_LEAST_0)
+    train_subset: int = option(0, "train on the first N images of the train split only (0: all)", range=AT_LEAST_0)
 
     def beton_path(self) -> Path:
         return Path(self.beton_dir) if self.beton_dir else Path(self.root) / "beton"
@@ -49,58 +57,94 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    crop_padding: int = option(4, "random translation: crop after reflect padding by this many pixels (0: off)")
+    crop_padding: int = option(4, "random translation: crop after reflect padding by this many pixels (0: off)",
+                               range="[0, 31]")
     flip: str = option("random", "horizontal flip: at random, alternating per image from epoch to epoch "
                        "(speed records), or none", ("random", "alternating", "none"))
-    rotate_degrees: float = option(15.0, "random rotation in [-d, d] degrees (0: off)")
-    perspective_distortion: float = option(0.2, "strength of the random perspective warp")
-    perspective_prob: float = option(0.5, "probability of the perspective warp per image (0: off)")
-    brightness: float = option(0.2, "colour jitter: brightness factor range 1 ± b (0: off)")
-    contrast: float = option(0.2, "colour jitter: contrast factor range 1 ± c (0: off)")
-    saturation: float = option(0.2, "colour jitter: saturation factor range 1 ± s (0: off)")
-    hue: float = option(0.1, "colour jitter: hue shift in [-h, h] turns, h ≤ 0.5 (0: off)")
-    cutout_size: int = option(0, "side of a square set to black at a random place (0: off)")
-    mixup_prob: float = option(0.3, "probability that a batch is mixed with mixup")
-    cutmix_prob: float = option(0.3, "probability that a batch is mixed with cutmix (exclusive with mixup)")
-    mixup_alpha: float = option(1.0, "Beta(α, α) of the mixup ratio")
-    cutmix_alpha: float = option(1.0, "Beta(α, α) of the cutmix area")
+    rotate_degrees: float = option(15.0, "random rotation in [-d, d] degrees (0: off)", range="[0, 180]")
+    perspective_distortion: float = option(0.2, "strength of the random perspective warp", range=PROBABILITY)
+    perspective_prob: float = option(0.5, "probability of the perspective warp per image (0: off)", range=PROBABILITY)
+    brightness: float = option(0.2, "colour jitter: brightness factor range 1 ± b (0: off)", range=PROBABILITY)
+    contrast: float = option(0.2, "colour jitter: contrast factor range 1 ± c (0: off)", range=PROBABILITY)
+    saturation: float = option(0.2, "colour jitter: saturation factor range 1 ± s (0: off)", range=PROBABILITY)
+    hue: float = option(0.1, "colour jitter: hue shift in [-h, h] turns of the hue circle (0: off)", range="[0, 0.5]")
+    brightness_shift: float = option(0.0, "add U(-b, b) to every normalised value of an image, after normalisation "
+                                     "(the 2025 speed record's brightness; 0: off)", range=AT_LEAST_0)
+    contrast_scale: float = option(0.0, "multiply an image's normalised values by U(1 - c, 1 + c), after the shift "
+                                   "(the 2025 speed record's contrast; 0: off)", range=FRACTION)
+    cutout_size: int = option(0, "side of a square set to black at a random place (0: off)", range="[0, 32]")
+    mixup_prob: float = option(0.3, "probability that a batch is mixed with mixup", range=PROBABILITY)
+    cutmix_prob: float = option(0.3, "probability that a batch is mixed with cutmix (exclusive with mixup)",
+                                range=PROBABILITY)
+    mixup_alpha: float = option(1.0, "Beta(α, α) of the mixup ratio (> 0 when mixup_prob > 0)", range=AT_LEAST_0)
+    cutmix_alpha: float = option(1.0, "Beta(α, α) of the cutmix area (> 0 when cutmix_prob > 0)", range=AT_LEAST_0)
 
 
 @dataclass
 class ModelConfig:
+    """`name` and `num_classes`, plus the chosen model's own keys in `options` (`model.<option>` in files and
+    overrides), declared by the model at registration and resolved against the registry by `validate`."""
+
     name: str = option("attention_resnet", "registered model (`cifar-dist model-summary` lists them and their options)")
-    num_classes: int = option(10, "number of outputs")
-    width: int = option(31, "attention_resnet: stem width; stages are 2/4/8/8 × width")
-    dropout: float = option(0.3, "attention_resnet: dropout before the classifier")
-    widths: list = option([64, 256, 256], "fast: channels of its three conv groups")
-    bn_momentum: float = option(0.6, "fast: weight of the old BN statistics (airbench's convention)")
-    scale: float = option(1 / 9, "fast: multiplier of the classifier's logits")
+    num_classes: int = option(10, "number of outputs", range=AT_LEAST_1)
+    options: dict = field(default_factory=dict, metadata={"model_options": True})
+
+
+@dataclass
+class MuonConfig:
+    lr: float = option(0.24, "Muon's learning rate (the step of an orthogonalised update at schedule factor 1)",
+                       range=AT_LEAST_0)
+    momentum: float = option(0.6, "Muon's momentum (buffer = momentum · buffer + gradient)", range=FRACTION)
+    nesterov: bool = option(True, "Nesterov momentum for Muon")
+    ns_steps: int = option(3, "Newton–Schulz iterations that orthogonalise an update", range="[1, 20]")
+    ns_coefficients: list = option([3.4445, -4.7750, 2.0315], "coefficients (a, b, c) of the quintic Newton–Schulz "
+                                   "step X ← aX + (bA + cA²)X, A = XXᵀ",
+                                   check=lambda v: None if len(v) == 3 else "three numbers (a, b, c)")
+    weight_decay: float = option(0.0, "decoupled decay of the filters after each update: w ← w · (1 − lr · decay)",
+                                 range=AT_LEAST_0)
+    normalize_weights: bool = option(True, "rescale each filter tensor to norm √(output channels) before its update")
+    normalize_every: int = option(1, "renormalise every this many Muon steps at the start of training", range=AT_LEAST_1)
+    normalize_every_end: int = option(0, "… growing linearly to every this many steps at the end (0: no growth)",
+                                      range=AT_LEAST_0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = option(500.0, "length of the run in epochs; a fraction ends mid-epoch (9.9)")
-    global_batch_size: int = option(128, "images per optimizer step over all ranks and accumulation steps")
-    lr: float = option(0.1, "peak learning rate, in the units of train.lr_units")
+    epochs: float = option(500.0, "length of the run in epochs; a fraction ends mid-epoch (9.9)", range=ABOVE_0)
+    global_batch_size: int = option(128, "images per optimizer step over all ranks and accumulation steps",
+                                    range=AT_LEAST_1)
+    optimizer: str = option("sgd", "sgd: SGD for every parameter; muon: Muon (train.muon.*) for the conv filters "
+                            "(4-D weights), SGD for the rest", ("sgd", "muon"))
+    lr: float = option(0.1, "peak learning rate of SGD, in the units of train.lr_units", range=AT_LEAST_0)
     lr_units: str = option("torch", "torch: lr and weight_decay as torch's SGD takes them; decoupled_per_1024: "
                            "the speed records' convention, per 1024 images and independent of momentum",
                            ("torch", "decoupled_per_1024"))
     loss_reduction: str = option("mean", "reduce the per-image losses of a batch by their mean or sum",
                                  ("mean", "sum"))
-    momentum: float = option(0.9, "SGD momentum")
+    momentum: float = option(0.9, "SGD momentum", range=FRACTION)
     nesterov: bool = option(True, "Nesterov momentum")
-    weight_decay: float = option(5e-4, "L2 weight decay, in the units of train.lr_units")
+    weight_decay: float = option(5e-4, "L2 weight decay, in the units of train.lr_units", range=AT_LEAST_0)
     decay_norm_and_bias: bool = option(False, "also decay BatchNorm parameters and biases")
-    bias_scaler: float = option(1.0, "learning-rate multiplier of BatchNorm biases (not of their weight decay)")
+    bias_scaler: float = option(1.0, "learning-rate multiplier of BatchNorm biases (not of their weight decay)",
+                                range=ABOVE_0)
+    whiten_bias_scaler: float = option(1.0, "learning-rate multiplier of the whitening layer's bias (models with one)",
+                                       range=ABOVE_0)
+    muon: MuonConfig = field(default_factory=MuonConfig)
     schedule: str = option("cosine", "learning-rate schedule", ("cosine", "triangular"))
-    warmup_epochs: float = option(5.0, "cosine: linear warm-up from lr_start_factor over this many epochs")
-    lr_peak_fraction: float = option(0.2, "triangular: share of the steps spent rising to the peak")
-    lr_start_factor: float = option(0.0, "lr multiplier at the first step (warm-up start)")
-    lr_end_factor: float = option(0.0, "lr multiplier at the last step")
-    whiten_bias_epochs: float = option(0.0, "freeze the whitening layer's bias after this many epochs (0: never)")
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
-    grad_clip_norm: float = option(1.0, "clip the global gradient norm to this (0: off)")
-    grad_accum_steps: int = option(1, "micro-batches accumulated per optimizer step")
+    warmup_epochs: float = option(5.0, "cosine: linear warm-up from lr_start_factor over this many epochs",
+                                  range=AT_LEAST_0)
+    lr_peak_fraction: float = option(0.2, "triangular: share of the steps spent rising to the peak (0: start at the "
+                                     "peak and fall linearly from the first step)", range=FRACTION)
+    lr_start_factor: float = option(0.0, "lr multiplier at the first step (warm-up start)", range=AT_LEAST_0)
+    lr_end_factor: float = option(0.0, "lr multiplier at the last step", range=AT_LEAST_0)
+    whiten_bias_epochs: float = option(0.0, "freeze the whitening layer's bias after this many epochs (0: never)",
+                                       range=AT_LEAST_0)
+    whiten_bias_schedule: str = option("main", "main: until it freezes the whitening bias follows the schedule of the "
+                                       "other groups; linear: its lr falls linearly from its peak to 0 at "
+                                       "whiten_bias_epochs (airbench94_muon)", ("main", "linear"))
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", range=FRACTION)
+    grad_clip_norm: float = option(1.0, "clip the global gradient norm to this (0: off)", range=AT_LEAST_0)
+    grad_accum_steps: int = option(1, "micro-batches accumulated per optimizer step", range=AT_LEAST_1)
     amp: bool = option(True, "mixed precision (autocast)")
     amp_dtype: str = option("auto", "auto: bf16 where supported, else fp16 with a gradient scaler",
                             ("auto", "bf16", "fp16"))
@@ -109,21 +153,28 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the DDP-wrapped model")
     compile_mode: str = option("default", "torch.compile mode", ("default", "reduce-overhead", "max-autotune",
                                                                 "max-autotune-no-cudagraphs"))
-    ema_decay: float = option(0.999, "EMA decay per optimizer step, also when ema_every > 1 (0: no EMA)")
-    ema_every: int = option(1, "update the EMA every this many optimizer steps")
+    ema_decay: float = option(0.999, "EMA decay per optimizer step, also when ema_every > 1 (0: no EMA)",
+                              range=FRACTION)
+    ema_every: int = option(1, "update the EMA every this many optimizer steps", range=AT_LEAST_1)
     ema_ramp: str = option("none", "cubic: the decay of each update is multiplied by (step / total steps)³ "
                            "(airbench)", ("none", "cubic"))
-    ema_start_epochs: float = option(0.0, "the EMA follows the model exactly for this many epochs")
+    ema_start_epochs: float = option(0.0, "the EMA follows the model exactly for this many epochs", range=AT_LEAST_0)
     ema_lookahead: bool = option(False, "copy the EMA back into the model after each update and at the end "
                                  "(lookahead, speed-record style)")
     seed: int = option(0, "seed of the weights, data order and augmentation")
     deterministic: bool = option(False, "deterministic kernels: a resumed run ends bitwise like an uninterrupted one")
     resume: str = option("auto", "auto: continue from run.dir/last.pt when it exists; never; or a checkpoint path")
-    checkpoint_interval_min: float = option(10.0, "also write last.pt every this many minutes (0: only per epoch)")
-    max_nonfinite_steps: int = option(10, "stop (exit 3) after this many consecutive non-finite losses")
-    max_steps: int = option(0, "stop after this many optimizer steps, with last.pt written (0: no limit)")
-    tta: int = option(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, "
-                      "2 mirror + ±1 px translations (airbench)", (0, 1, 2))
+    checkpoint_interval_min: float = option(10.0, "also write last.pt every this many minutes (0: only per epoch)",
+                                            range=AT_LEAST_0)
+    max_nonfinite_steps: int = option(10, "stop (exit 3) after this many consecutive non-finite losses",
+                                      range=AT_LEAST_1)
+    max_steps: int = option(0, "stop after this many optimizer steps, with last.pt written (0: no limit)",
+                            range=AT_LEAST_0)
+    tta: object = option(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + ±1 px "
+                         "translations (airbench), heavy: 2 + ±2 px translations", TTA_LEVELS)
+    tta_fraction: float = option(1.0, "share of the images that get TTA: the least confident by their plain top "
+                                 "probability (the 2025 speed record: 0.25); the rest keep their plain logits",
+                                 range="(0, 1]")
     device: str = option("auto", "device to train on", ("auto", "cpu", "cuda"))
 
 
@@ -162,40 +213,26 @@ class Config:
 
 
 def iter_keys(node, prefix: str = ""):
-    """(dotted key, value, dataclass field) of every leaf key under node, in declaration order."""
+    """(dotted key, value, `keys.Key`) of every leaf key under node, in declaration order; in the model
+    section, the chosen model's own keys as they stand in its options."""
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
         if dataclasses.is_dataclass(value):
             yield from iter_keys(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("model_options"):
+            declared = {key.name: key for key in _model_keys(node.name)}
+            for name, option_value in value.items():
+                if name in declared:
+                    yield f"{prefix}{name}", option_value, declared[name]
         else:
-            yield f"{prefix}{f.name}", value, f
+            yield f"{prefix}{f.name}", value, f.metadata["key"]
 
 
-def _coerce(key: str, value, expected_type, raw: str | None):
-    """Return value as expected_type, or raise ConfigError naming the key.
+def _model_keys(name: str) -> tuple[Key, ...]:
+    """The keys a registered model declares (none for an unknown name: `validate` reports that)."""
+    from cifar_dist.models.registry import MODELS  # imports the built-in models, and torch
 
-    raw is the override's text: a string key takes it as written, so `train.sync_bn=on` stays "on"
-    and `run.name=0123` stays "0123", although YAML reads them as a boolean and a number; in YAML
-    files, on/off/yes/no become "on"/"off".
-    """
-    if expected_type is str and raw is not None and not isinstance(value, str):
-        return raw.strip()
-    if expected_type is str and isinstance(value, bool):
-        return "on" if value else "off"
-    if expected_type is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected_type is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if expected_type is list and isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, expected_type) and not (expected_type is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(
-        f"config key '{key}' expects {expected_type.__name__}, got {value!r} ({type(value).__name__})"
-    )
+    return MODELS[name].options if name in MODELS else ()
 
 
 def _set_key(node, dotted_key: str, value, source: str, raw: str | None = None) -> None:
@@ -203,7 +240,11 @@ def _set_key(node, dotted_key: str, value, source: str, raw: str | None = None) 
     for depth, part in enumerate(parts):
         key_so_far = ".".join(parts[: depth + 1])
         names = [f.name for f in dataclasses.fields(node)]
-        if part not in names:
+        if isinstance(node, ModelConfig) and part not in names and depth == len(parts) - 1:
+            # A model's own key: checked against the chosen model by `validate`, once the name is known.
+            node.options[part] = (value, raw, source)
+            return
+        if part not in names or part == "options" and isinstance(node, ModelConfig):
             hint = difflib.get_close_matches(part, names, n=1)
             suggestion = f"; did you mean '{'.'.join(parts[:depth] + hint)}'?" if hint else ""
             raise ConfigError(
@@ -223,7 +264,7 @@ def _set_key(node, dotted_key: str, value, source: str, raw: str | None = None) 
             for sub_key, sub_value in value.items():
                 _set_key(root, f"{dotted_key}.{sub_key}", sub_value, source)
             return
-        setattr(node, part, _coerce(dotted_key, value, typing.get_origin(expected) or expected, raw))
+        setattr(node, part, coerce(dotted_key, value, typing.get_origin(expected) or expected, raw))
 
 
 def _apply_mapping(cfg: Config, mapping: dict, source: str) -> None:
@@ -231,48 +272,60 @@ def _apply_mapping(cfg: Config, mapping: dict, source: str) -> None:
         _set_key(cfg, str(key), value, source)
 
 
-def _check_range(key: str, value, low, high, low_open=False, high_open=False) -> None:
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if below or above:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigError(f"config key '{key}' must be in {interval}; got {value}")
+def import_run_modules(cfg: Config) -> None:
+    """Import run.imports (modules that register models of their own), naming any that fails."""
+    for name in cfg.run.imports:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"run.imports: cannot import {name!r} ({err}); put its folder on PYTHONPATH") from None
+
+
+def resolve_model_options(model: ModelConfig) -> None:
+    """Check model.name against the registry and make model.options exactly the chosen model's keys:
+    given values coerced and checked, the others at their defaults. A key that only other registered
+    models declare is dropped (a recipe file may name keys of several models); one no model declares
+    is an error."""
+    from cifar_dist.models.registry import MODELS
+
+    if model.name not in MODELS:
+        raise ConfigError(f"config key 'model.name' must be one of {', '.join(sorted(MODELS))}; got {model.name!r} "
+                          "(a model of your own: register it with @register_model in a module named in run.imports)")
+    declared = {key.name: key for key in MODELS[model.name].options}
+    known = {key.name for entry in MODELS.values() for key in entry.options}
+    resolved = {}
+    for name, given in model.options.items():
+        value, raw, source = given if isinstance(given, tuple) else (given, None, "the config")
+        if name in declared:
+            resolved[name] = coerce(f"model.{name}", value, declared[name].value_type, raw)
+        elif name not in known:
+            hint = difflib.get_close_matches(name, [*known, "name", "num_classes"], n=1)
+            raise ConfigError(f"unknown config key 'model.{name}' in {source}; model {model.name!r} has the keys "
+                              f"{', '.join(['name', 'num_classes', *declared]) }"
+                              f"{f'; did you mean model.{hint[0]}?' if hint else ''} (`cifar-dist model-summary` "
+                              "lists every model's keys)")
+    model.options = {name: resolved.get(name, key.default) for name, key in declared.items()}
+    for name, key in declared.items():
+        key.validate(f"model.{name}", model.options[name])
 
 
 def validate(cfg: Config) -> None:
-    """Check choices and ranges that types alone do not express."""
-    for key, value, f in iter_keys(cfg):
-        allowed = f.metadata.get("choices")
-        if allowed and value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    """Each key against its declaration, the model section against the registry, then the rules between keys."""
+    import_run_modules(cfg)
+    resolve_model_options(cfg.model)
+    for dotted, value, key in iter_keys(cfg):
+        key.validate(dotted, value)
     a, t = cfg.augment, cfg.train
-    _check_range("data.val_fraction", cfg.data.val_fraction, 0.0, 1.0, high_open=True)
-    for key in ("augment.mixup_prob", "augment.cutmix_prob", "augment.perspective_prob"):
-        _check_range(key, get_key(cfg, key), 0.0, 1.0)
     if a.mixup_prob + a.cutmix_prob > 1.0:
         raise ConfigError("augment.mixup_prob + augment.cutmix_prob must be at most 1 (they are mutually "
                           f"exclusive); got {a.mixup_prob} + {a.cutmix_prob}")
     for kind in ("mixup", "cutmix"):
         if get_key(cfg, f"augment.{kind}_prob") > 0 and get_key(cfg, f"augment.{kind}_alpha") <= 0:
             raise ConfigError(f"config key 'augment.{kind}_alpha' must be > 0 when augment.{kind}_prob > 0")
-    _check_range("augment.hue", a.hue, 0.0, 0.5)
-    _check_range("augment.crop_padding", a.crop_padding, 0, 31)
-    for key in ("augment.cutout_size", "augment.rotate_degrees", "train.lr", "train.weight_decay",
-                "train.warmup_epochs", "train.whiten_bias_epochs", "train.ema_start_epochs",
-                "train.label_smoothing", "train.grad_clip_norm", "train.max_steps", "train.checkpoint_interval_min"):
-        if get_key(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0; got {get_key(cfg, key)}")
-    for key in ("train.global_batch_size", "train.grad_accum_steps", "train.ema_every", "train.max_nonfinite_steps"):
-        if get_key(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}' must be at least 1; got {get_key(cfg, key)}")
-    if t.epochs <= 0:
-        raise ConfigError(f"config key 'train.epochs' must be > 0; got {t.epochs}")
-    _check_range("train.momentum", t.momentum, 0.0, 1.0, high_open=True)
-    _check_range("train.ema_decay", t.ema_decay, 0.0, 1.0, high_open=True)
-    _check_range("train.lr_peak_fraction", t.lr_peak_fraction, 0.0, 1.0, low_open=True, high_open=True)
-    _check_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0, high_open=True)
-    if t.bias_scaler <= 0:
-        raise ConfigError(f"config key 'train.bias_scaler' must be > 0; got {t.bias_scaler}")
+    muon = t.muon
+    if muon.normalize_every_end and muon.normalize_every_end < muon.normalize_every:
+        raise ConfigError(f"train.muon.normalize_every_end={muon.normalize_every_end} must be 0 or at least "
+                          f"train.muon.normalize_every={muon.normalize_every}")
 
 
 def get_key(cfg: Config, dotted_key: str):
@@ -323,7 +376,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data (YAML, checkpoints, wandb); a model's own keys sit beside name and num_classes."""
+    data = dataclasses.asdict(cfg)
+    data["model"] = {"name": cfg.model.name, "num_classes": cfg.model.num_classes, **cfg.model.options}
+    return data
 
 
 def config_from_dict(mapping: dict) -> Config:
@@ -340,8 +396,8 @@ def config_to_yaml(cfg: Config, header: str = "") -> str:
     """
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     section_path: list[str] = []
-    for key, value, f in iter_keys(cfg):
-        *sections, name = key.split(".")
+    for dotted, value, key in iter_keys(cfg):
+        *sections, name = dotted.split(".")
         common = 0
         while common < min(len(sections), len(section_path)) and sections[common] == section_path[common]:
             common += 1
@@ -350,8 +406,5 @@ def config_to_yaml(cfg: Config, header: str = "") -> str:
         section_path = sections
         text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).strip()
         text = text.removesuffix("\n...").removesuffix("...").strip()
-        comment = f.metadata["help"]
-        if f.metadata["choices"]:
-            comment += f" [{' | '.join(map(str, f.metadata['choices']))}]"
-        lines.append(f"{'  ' * len(sections)}{name}: {text}  # {comment}")
+        lines.append(f"{'  ' * len(sections)}{name}: {text}  # {key.describe()}")
     return "\n".join(lines) + "\n"

@@ -8,16 +8,16 @@ import yaml
 from cifar_dist.config import config_from_dict, config_to_dict, config_to_yaml, iter_keys, load_config
 from cifar_dist.errors import ConfigError
 from cifar_dist.engine.build import preflight
-from conftest import run_cli
+from conftest import REPO, balanced_labels, id_images, run_cli, write_batches_folder
 
 
 def test_defaults_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 7\n  lr: 1\nlogging:\n  wandb:\n    mode: offline\n    tags: [a, b]\n")
-    cfg = load_config(path, ["train.epochs=9", "model.widths=[8, 16, 32]", "data.loader=gpu"])
+    cfg = load_config(path, ["train.epochs=9", "model.name=fast", "model.widths=[8, 16, 32]", "data.loader=gpu"])
     assert cfg.train.epochs == 9 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.logging.wandb.mode == "offline" and cfg.logging.wandb.tags == ["a", "b"]
-    assert cfg.model.widths == [8, 16, 32] and cfg.data.loader == "gpu"
+    assert cfg.model.options["widths"] == [8, 16, 32] and cfg.data.loader == "gpu"
     assert cfg.data.val_fraction == 0.1 and cfg.data.beton_path().as_posix() == "data/beton"
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
@@ -33,8 +33,8 @@ def test_string_keys_keep_yaml_words_and_quotes():
     ("train.global_batch_size=3.5", "'train.global_batch_size' expects int, got 3.5"),
     ("train.tta=3", "'train.tta' must be one of 0, 1, 2"),
     ("train.lr_units=per_image", "'train.lr_units' must be one of torch, decoupled_per_1024"),
-    ("train.lr_peak_fraction=1", "'train.lr_peak_fraction' must be in \\(0, 1\\)"),
-    ("train.epochs=0", "'train.epochs' must be > 0"),
+    ("train.lr_peak_fraction=1", "'train.lr_peak_fraction' must be in \\[0, 1\\)"),
+    ("train.epochs=0", "'train.epochs' must be in \\(0, inf\\)"),
     ("train.amp=maybe", "'train.amp' expects bool"),
     ("data.loader=dali", "'data.loader' must be one of ffcv, gpu, torchvision"),
     ("augment.mixup_prob=0.8", "mixup_prob \\+ augment.cutmix_prob must be at most 1"),
@@ -84,11 +84,15 @@ def test_model_summary_command():
 
 
 def test_model_name_and_options_are_checked_against_the_registry():
-    cfg = load_config(None, ["model.name=vgg"])  # config.py knows no models
+    # The model section is checked when the config loads: each model declares its own keys.
     with pytest.raises(ConfigError, match="'model.name' must be one of attention_resnet, fast, resnet18"):
-        preflight(cfg)
-    with pytest.raises(ConfigError, match="model.width must be at least 1"):
-        preflight(load_config(None, ["model.width=0"]))
+        load_config(None, ["model.name=vgg"])
+    with pytest.raises(ConfigError, match=r"'model.width' must be in \[1, inf\)"):
+        load_config(None, ["model.width=0"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.widht'.*did you mean model.width"):
+        load_config(None, ["model.widht=3"])
+    # a key of another registered model is dropped: recipe files may name several models' keys
+    assert load_config(None, ["model.name=resnet18", "model.width=4"]).model.options == {}
     with pytest.raises(ConfigError, match="augment.flip=alternating is not available with data.loader=torchvision"):
         preflight(load_config(None, ["augment.flip=alternating", "data.loader=torchvision"]))
     preflight(load_config("configs/fast.yaml"))
@@ -97,7 +101,7 @@ def test_model_name_and_options_are_checked_against_the_registry():
 def test_every_key_is_documented_and_the_yaml_round_trips(tmp_path):
     cfg = load_config("configs/fast.yaml", ["train.sync_bn=off", "run.name=0123", "logging.wandb.tags=[a, b]"])
     keys = list(iter_keys(cfg))
-    assert len(keys) > 70 and all(f.metadata["help"] for _, _, f in keys)
+    assert len(keys) > 70 and all(key.help for _, _, key in keys)
     text = config_to_yaml(cfg, header="first line\nsecond")
     assert text.startswith("# first line\n# second\n")
     assert "  flip: alternating  # " in text and "[random | alternating | none]" in text
@@ -118,3 +122,24 @@ def test_config_command_prints_resolved_keys_and_help_points_to_it():
         assert "cifar-dist config" in help_text, command
     bad = run_cli("config", "train.epohcs=3")
     assert bad.returncode == 2 and "did you mean 'train.epochs'" in bad.stderr
+
+
+def test_a_model_from_run_imports_brings_its_own_keys(tmp_path):
+    """A model registered in a module of the user's (run.imports) declares model.nan_after; the key is
+    described by `cifar-dist config`, range-checked, saved with the run, and the model trains."""
+    env = {"PYTHONPATH": str(REPO / "tests" / "scripts")}
+    own = ["run.imports=[tiny_models]", "model.name=nan_after"]
+    described = run_cli("config", *own, "model.nan_after=1000", env=env)
+    assert described.returncode == 0, described.stderr
+    assert "  nan_after: 1000  # nan_after: training forwards before the logits turn NaN [0, inf)" in described.stdout
+    bad = run_cli("config", *own, "model.nan_after=-1", env=env)
+    assert bad.returncode == 2 and "'model.nan_after' must be in [0, inf)" in bad.stderr
+    data = tmp_path / "data"
+    write_batches_folder(data, id_images(100), balanced_labels(100), id_images(20, seed=1), balanced_labels(20))
+    run_dir = tmp_path / "run"
+    trained = run_cli("train", "--config", "configs/smoke.yaml", *own, "model.nan_after=1000", f"data.root={data}",
+                      "data.require_full_size=false", "train.global_batch_size=16", "train.epochs=1",
+                      f"run.dir={run_dir}", env=env)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"] == {"name": "nan_after", "num_classes": 10, "nan_after": 1000}

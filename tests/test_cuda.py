@@ -40,9 +40,9 @@ def test_amp_trains_on_cuda_with_a_scaler_for_fp16_only(data_root, tmp_path, dty
 
 
 def test_fp16_overflows_on_cuda_are_skipped_by_the_scaler(data_root, tmp_path):
-    args = tiny_args(data_root, tmp_path, CUDA, "model.name=overflow_first", "train.amp=true", "train.amp_dtype=fp16",
+    args = tiny_args(data_root, tmp_path, CUDA, "model.name=overflow_first", "model.overflow_steps=20", "train.amp=true", "train.amp_dtype=fp16",
                      "train.max_nonfinite_steps=3", "train.ema_decay=0")
-    result = train(args, env={"OVERFLOW_STEPS": "20"})
+    result = train(args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = checkpoint.load(tmp_path / "last.pt")
     assert state["progress"]["global_step"] == 28 and state["progress"]["nonfinite_total"] == 0

@@ -11,14 +11,14 @@ from torch import nn
 
 from cifar_dist.config import ModelConfig
 from cifar_dist.errors import ConfigError
-from cifar_dist.models import MODELS, build_model, model_options
+from cifar_dist.models import MODELS, build_model, model_identity
 from cifar_dist.models.summary import format_summary, summarize
 
 MODEL_NAMES = ("attention_resnet", "fast", "resnet18")
 # Small variants keep torch.compile affordable on a 2-core CI machine.
 SMALL_CONFIGS = {
-    "attention_resnet": ModelConfig(name="attention_resnet", width=8),
-    "fast": ModelConfig(name="fast", widths=[16, 32, 32]),
+    "attention_resnet": ModelConfig(name="attention_resnet", options={"width": 8}),
+    "fast": ModelConfig(name="fast", options={"widths": [16, 32, 32]}),
     "resnet18": ModelConfig(name="resnet18"),
 }
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -59,7 +59,7 @@ def test_resnet18_has_standard_parameter_count():
 
 @pytest.mark.parametrize("widths", [[64, 256, 256], [16, 32, 32]])
 def test_fast_parameter_count_matches_hand_count(widths):
-    model = build_model(ModelConfig(name="fast", widths=widths))
+    model = build_model(ModelConfig(name="fast", options={"widths": widths}))
     assert trainable_parameters(model) == fast_expected_parameters(widths)
 
 
@@ -80,19 +80,19 @@ def test_unknown_model_name_raises_naming_known_models():
 
 
 def test_fast_rejects_wrong_number_of_widths():
-    with pytest.raises(ConfigError, match="model.widths must be three"):
-        build_model(ModelConfig(name="fast", widths=[64, 256]))
+    with pytest.raises(ConfigError, match="config key 'model.widths' must be three positive integers"):
+        build_model(ModelConfig(name="fast", options={"widths": [64, 256]}))
 
 
 def test_registry_declares_each_models_options():
     assert set(MODELS) >= set(MODEL_NAMES)
-    assert MODELS["fast"].options == ("widths", "bn_momentum", "scale")
-    assert MODELS["attention_resnet"].options == ("width", "dropout")
-    assert MODELS["resnet18"].options == ()
+    assert MODELS["fast"].option_names == ("widths", "bn_momentum", "scale", "activation", "head_init_std")
+    assert MODELS["attention_resnet"].option_names == ("width", "dropout")
+    assert MODELS["resnet18"].option_names == ()
     # what identifies a model: only its own options, so resnet18 ignores model.width
-    assert model_options(ModelConfig(name="resnet18", width=7)) == {"name": "resnet18", "num_classes": 10}
-    assert model_options(ModelConfig(name="fast", width=7)) == model_options(ModelConfig(name="fast"))
-    assert model_options(ModelConfig(name="fast", widths=[8, 8, 8])) != model_options(ModelConfig(name="fast"))
+    assert model_identity(ModelConfig(name="resnet18", options={"width": 7})) == {"name": "resnet18", "num_classes": 10}
+    assert model_identity(ModelConfig(name="fast", options={"width": 7})) == model_identity(ModelConfig(name="fast"))
+    assert model_identity(ModelConfig(name="fast", options={"widths": [8, 8, 8]})) != model_identity(ModelConfig(name="fast"))
 
 
 # --- forward: memory formats, autocast, SyncBN ------------------------------------------------
@@ -239,7 +239,7 @@ def test_resnet18_flops_match_published_figure():
 
 
 def test_peak_memory_grows_with_batch_size():
-    cfg = ModelConfig(name="fast", widths=[16, 32, 32])
+    cfg = ModelConfig(name="fast", options={"widths": [16, 32, 32]})
     assert summarize(cfg, batch_size=16)["peak_memory_bytes"] > summarize(cfg, batch_size=4)["peak_memory_bytes"]
 
 
@@ -338,7 +338,7 @@ def test_attention_resnet_matches_the_reference_formula():
     reference = RefAttentionResNet().eval()
     assert trainable_parameters(reference) == 4_913_705  # the reference project's count, from the formula
     assert trainable_parameters(RefAttentionResNet(16)) == trainable_parameters(
-        build_model(ModelConfig(name="attention_resnet", width=16)))
+        build_model(ModelConfig(name="attention_resnet", options={"width": 16})))
     copy_by_order(ours, reference)
     x = images(4)
     with torch.no_grad():

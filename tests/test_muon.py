@@ -54,12 +54,16 @@ def test_newton_schulz_maps_singular_values_by_the_quintic(rows, cols, steps):
     rotated = u.T @ zeropower_newton_schulz(g, steps, NS_COEFFICIENTS).double() @ v
     diagonal = rotated.diagonal()
     off_diagonal = rotated - torch.diag(diagonal)
-    assert (off_diagonal.norm() / diagonal.norm()).item() < 0.02
+    # bf16's unit roundoff is 2⁻⁸ ≈ 0.004; each iteration adds a few of it (measured here: off-diagonal
+    # 0.02 after 3 steps, 0.035 after 5; diagonal at most 0.02 and 0.05 from the map).
+    assert (off_diagonal.norm() / diagonal.norm()).item() < 0.01 * steps
     expected = quintic_map(singular / singular.norm(), steps)
     # The quintic does not converge to 1: it leaves singular values spread around it (the record's
-    # "S' ~ Uniform(0.5, 1.5)"); the check is entry by entry against that spread, not against 1.
-    assert (diagonal - expected).abs().max().item() < 0.03
-    assert expected.max() - expected.min() > 0.1
+    # "S' ~ Uniform(0.5, 1.5)"; 0.68 to 1.08 after 3 steps here, 0.68 to 1.13 after 5), so the
+    # check is entry by entry against that spread, not against 1. One iteration more or fewer moves
+    # the small singular values by more than 0.1.
+    assert (diagonal - expected).abs().max().item() < 0.015 * steps
+    assert expected.max() - expected.min() > 0.3
 
 
 def record_newton_schulz(G, steps=3, eps=1e-7):
@@ -125,7 +129,9 @@ def test_agrees_with_torch_muon_where_they_coincide():
     run(Muon([ours], lr=lr, momentum=momentum, normalize_weights=False), [ours], grads)
     run(torch.optim.Muon([theirs], lr=lr, momentum=momentum, weight_decay=0.0, nesterov=True,
                          ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=3), [theirs], grads)
-    assert relative_error(ours.detach() - start, theirs.detach() - start) < 1e-2
+    # One NS output moves about 2% when only its bf16 rounding changes (measured: input scaled, or
+    # addmm); a wrong convention (no Nesterov, momentum 0.8, 4 NS steps) moves this 10–25%.
+    assert relative_error(ours.detach() - start, theirs.detach() - start) < 3e-2
 
 
 # --- SGD groups ---------------------------------------------------------------------------------
@@ -253,7 +259,7 @@ def test_state_dict_resume_is_bitwise():
 ])
 def test_out_of_range_arguments(overrides, key):
     with pytest.raises(ValueError, match=key):
-        Muon([leaf(torch.ones(4, 3, 1, 1))], lr=0.1, **overrides)
+        Muon([leaf(torch.ones(4, 3, 1, 1))], **{"lr": 0.1, **overrides})
 
 
 def test_out_of_range_group_value_and_shape():

@@ -109,8 +109,10 @@ def test_checkpoint_write_killed_leaves_a_loadable_last(tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_then_stop_with_checkpoint_intact(data_root, tmp_path):
-    args = tiny_args(data_root, tmp_path, "model.name=nan_after", "train.max_nonfinite_steps=3", "train.ema_decay=0")
-    result = train(args, env={"NAN_AFTER": "16"})  # epoch 1 (14 steps) is clean, epoch 2 turns NaN at step 17
+    # epoch 1 (14 steps) is clean, epoch 2 turns NaN at step 17
+    args = tiny_args(data_root, tmp_path, "model.name=nan_after", "model.nan_after=16", "train.max_nonfinite_steps=3",
+                     "train.ema_decay=0")
+    result = train(args)
     assert result.returncode == EXIT_DIVERGED, result.stderr[-8000:]
     assert "3 consecutive steps with a non-finite loss" in result.stdout
     assert result.stdout.count("step skipped") == 3
@@ -126,7 +128,7 @@ def test_config_errors_are_clear(data_root, tmp_path):
     result = train(tiny_args(data_root, tmp_path, "train.lr=fast"))
     assert result.returncode == 2 and "'train.lr' expects float" in result.stderr
     result = train(tiny_args(data_root, tmp_path, "model.widths=[8,16]"))
-    assert result.returncode == 2 and "model.widths must be three positive integers" in result.stderr
+    assert result.returncode == 2 and "config key 'model.widths' must be three positive integers" in result.stderr
     result = train(tiny_args(data_root, tmp_path, "train.sync_bn=on"))
     assert result.returncode == 2 and "train.sync_bn=on needs CUDA" in result.stderr
     result = torchrun_train(tiny_args(data_root, tmp_path, "train.global_batch_size=33"))
@@ -352,7 +354,7 @@ def test_fp16_overflows_are_the_scalers_business_not_divergence(data_root, tmp_p
     """20 steps in a row whose gradient overflows (finite loss): skipped by the scaler, not counted."""
     args = tiny_args(data_root, tmp_path, "model.name=overflow_first", "train.amp=true", "train.amp_dtype=fp16",
                      "train.max_nonfinite_steps=3", "train.ema_decay=0")
-    result = train(args, env={"OVERFLOW_STEPS": "20"})
+    result = train(args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "step skipped" not in result.stdout
     state = checkpoint.load(tmp_path / "last.pt")

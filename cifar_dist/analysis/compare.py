@@ -167,8 +167,9 @@ def welch_test(a: Sample, b: Sample, confidence: float = 0.95) -> WelchTest:
 
 
 def runs_per_side(diff: float, std_a: float, std_b: float, confidence: float = 0.95, power: float = POWER) -> float:
-    """Runs per side with which a two-sided test at level 1 − confidence has `power` against a true
-    difference diff: (z_{1−α/2} + z_power)² · (std_a² + std_b²) / diff², rounded up, at least 2; inf for diff 0."""
+    """Runs per side with which a two-sided test at level α = 1 − confidence has `power` against a true
+    difference diff: (z_{1−α/2} + z_power)² · (std_a² + std_b²) / diff², rounded up, at least 2; inf for
+    diff 0."""
     if diff == 0.0:
         return math.inf
     z = NormalDist().inv_cdf
@@ -213,7 +214,8 @@ def read_side(argument: str) -> Runs | CsvAccuracies:
 
 def find_runs(argument: str, folders: list[Path]) -> Runs:
     """Every run folder at or below the folders (final.json or config.yaml in it), with its final.json if finished."""
-    candidates = {file.parent for folder in folders for name in (FINAL_FILE, CONFIG_FILE) for file in folder.rglob(name)}
+    candidates = {file.parent for folder in folders for name in (FINAL_FILE, CONFIG_FILE)
+                  for file in folder.rglob(name)}
     # A run's own subfolders (wandb's files/config.yaml) are not runs.
     run_dirs = sorted(run for run in candidates if not any(parent in candidates for parent in run.parents))
     if not run_dirs:
@@ -235,14 +237,15 @@ def read_final(path: Path) -> dict:
         raise DataError(f"{path}: not readable as JSON ({one_line(err)}): expected the {FINAL_FILE} the trainer "
                         "writes; remove the run or rerun it") from None
     if not isinstance(final, dict):
-        raise DataError(f"{path}: expected a JSON object like {{\"model\": {{\"acc\": 0.94}}}}; remove the run or rerun it")
+        raise DataError(f'{path}: expected a JSON object like {{"model": {{"acc": 0.94}}}}; remove the run or '
+                        "rerun it")
     return final
 
 
 def read_csv(path: Path) -> CsvAccuracies:
     """The plain and TTA accuracy columns of a CSV, as percentages."""
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)  # "n/a" is reported, not read as missing
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not readable as a CSV ({one_line(err)}): expected a header row and one row of "
                         "accuracies per run") from None
@@ -267,7 +270,7 @@ def _percentages(path: Path, column, values: pd.Series) -> tuple[list[float], st
     bad = numbers.isna() | ~numbers.abs().lt(math.inf)
     if bad.any():
         row = int(bad.to_numpy().argmax())
-        found = "an empty cell" if pd.isna(values.iloc[row]) else repr(values.iloc[row])
+        found = repr(values.iloc[row]) if values.iloc[row].strip() else "an empty cell"
         raise DataError(f"{path}: column {column!r}, data row {row + 1}: {found} is not a number: expected one "
                         "accuracy per row (0.9401 or 94.01); fix or remove the row")
     fractions = bool((numbers <= 1).all())
@@ -328,8 +331,8 @@ def _accuracy(run: Path, final: dict, key: str) -> float:
 
 
 def _signed(value: float) -> str:
-    text = f"{value:+.2f}"
-    return "0.00" if text[1:] == "0.00" else text.replace("-", "−")
+    """+0.05, −0.04; a bound that rounds to zero keeps its sign (−0.00…+0.20 holds 0)."""
+    return "0.00" if value == 0 else f"{value:+.2f}".replace("-", "−")
 
 
 def _p_text(p: float) -> str:

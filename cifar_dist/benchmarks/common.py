@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import json
 import os
 import re
 import shlex
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import Config, load_config
@@ -32,7 +34,6 @@ from cifar_dist.tables import markdown_table
 
 DEFAULT_RESULTS = Path("benchmarks") / "results"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when running from one
-RECIPES = {"attention_resnet": "default.yaml", "fast": "fast.yaml", "resnet18": "default.yaml"}
 # Settings every benchmark run gets: no downloads, no plots or wandb, a fresh run each time.
 QUIET_RUN = ("data.download=false", "logging.plot=false", "logging.wandb.mode=disabled", "train.resume=never")
 
@@ -103,15 +104,34 @@ def results_folder(base: Path, info: dict, date: datetime.date | None = None) ->
 # --- configs and timing ------------------------------------------------------------------------
 
 def recipe_path(model: str) -> Path:
-    """The recipe file of a model (configs/default.yaml, configs/fast.yaml), from the working
-    directory or the checkout this package runs from."""
-    name = RECIPES.get(model, "default.yaml")
-    places = [Path.cwd() / "configs" / name, PACKAGE_ROOT / "configs" / name]
-    for place in places:
-        if place.is_file():
-            return place
-    raise ConfigError(f"the recipe of {model} ({name}) is not in {' or '.join(str(p.parent) for p in places)}; "
-                     "run from the repository root or pass --config FILE")
+    """The recipe of a model: the first configs/*.yaml (by name) that trains it, else configs/default.yaml;
+    from the working directory's configs/ or the checkout's this package runs from."""
+    places = [Path.cwd() / "configs", PACKAGE_ROOT / "configs"]
+    folder = next((place for place in places if (place / "default.yaml").is_file()), None)
+    if folder is None:
+        raise ConfigError(f"no recipes in {' or '.join(map(str, places))}; run from the repository root or pass "
+                          "--config FILE")
+    for path in sorted(folder.glob("*.yaml")):
+        model_section = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        if model_section.get("name") == model:
+            return path
+    return folder / "default.yaml"
+
+
+def model_settings(model: str, quick: bool) -> list[str]:
+    """Overrides that pick a registered model, at its registered tiny size with --quick."""
+    from cifar_dist.models import MODELS
+
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; registered: {', '.join(MODELS)}")
+    tiny = MODELS[model].tiny if quick else {}
+    return [f"model.name={model}", *(f"model.{key}={json.dumps(value)}" for key, value in tiny.items())]
+
+
+def registered_models() -> tuple[str, ...]:
+    from cifar_dist.models import MODELS
+
+    return tuple(MODELS)
 
 
 def bench_config(config_path: Path | str | None, data_root: str | None, overrides: list[str],

@@ -26,21 +26,20 @@ import torch
 from cifar_dist.augment.pipeline import make_generator
 from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
                                          csv_list, free_device_memory, hardware, quiet_trainer,
-                                         recipe_path, run_folder, run_main, synchronize, time_epoch, write_report)
+                                         model_settings, recipe_path, registered_models, run_folder, run_main, synchronize, time_epoch, write_report)
 from cifar_dist.engine.build import Run, build_run
 from cifar_dist.engine.loss import soft_target_cross_entropy
 from cifar_dist.engine.distributed import DistEnv
 
 NAME = "overhead"
-MODELS = ("attention_resnet", "fast", "resnet18")
 TARGET_RATIO = 1.05
-QUICK = ["model.width=4", "model.widths=[8,16,16]", "train.global_batch_size=32", "train.compile=false"]
+QUICK = ["train.global_batch_size=32", "train.compile=false"]  # and each model at its registered tiny size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cifar-dist bench overhead", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--models", default="fast,attention_resnet", help=f"comma-separated subset of {', '.join(MODELS)}")
+    add("--models", default="fast,attention_resnet", help=f"comma-separated subset of {', '.join(registered_models())}")
     add("--config", default=None, help="one config for every model (default: each model's recipe)")
     add("--steps", type=int, default=20, help="optimizer steps per timed epoch")
     add("--repeats", type=int, default=5, help="timed epochs of each side; the ratio's median and spread are reported")
@@ -49,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_common_arguments(parser, args)
     if min(args.steps, args.repeats) < 1:
         parser.error("--steps and --repeats must be at least 1")
-    args.models = csv_list(args.models, MODELS, "--models")
+    args.models = csv_list(args.models, registered_models(), "--models")
     if args.quick:
         args.steps, args.repeats = 3, 3
         args.overrides = [*QUICK, *args.overrides]
@@ -83,7 +82,7 @@ def bare_epoch(run: Run, epoch: int, label_smoothing: float, clip_norm: float) -
 
 def measure_model(args, model: str, env: DistEnv) -> dict:
     config = args.config or recipe_path(model)
-    user = ["data.loader=gpu", f"model.name={model}", *args.overrides]
+    user = ["data.loader=gpu", *model_settings(model, args.quick), *args.overrides]
     recipe = bench_config(config, args.data_root, user)
     epochs = 1 + args.repeats
     settings = [f"data.train_subset={args.steps * recipe.train.global_batch_size}", f"train.epochs={epochs}",
@@ -119,7 +118,7 @@ def measure_model(args, model: str, env: DistEnv) -> dict:
 
 
 def model_size(cfg) -> str:
-    return f"widths {cfg.model.widths}" if cfg.model.name == "fast" else f"width {cfg.model.width}"
+    return " ".join(f"{key} {value}" for key, value in cfg.model.options.items())
 
 
 def plot(frame: pd.DataFrame):

@@ -29,20 +29,20 @@ import torch
 
 import cifar_dist
 from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                         csv_list, hardware, measure_epochs, recipe_path, run_main,
+                                         csv_list, hardware, measure_epochs, model_settings, recipe_path, run_main,
                                          write_report)
 from cifar_dist.errors import ConfigError
 
 NAME = "scaling"
 MODES = ("weak", "strong")
-QUICK = ["model.width=4", "model.widths=[8,16,16]", "train.compile=false"]
+QUICK = ["train.compile=false"]  # and the model at its registered tiny size
 QUICK_BATCH = 32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cifar-dist bench scaling", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--model", default="fast", help="model whose recipe is run (attention_resnet, fast, resnet18)")
+    add("--model", default="fast", help="registered model whose recipe is run (`cifar-dist model-summary` lists them)")
     add("--config", default=None, help="config file (default: the model's recipe)")
     add("--ranks", default=None, help="comma-separated rank counts (default: 1, 2, 4, ... up to the GPUs; "
                                       "1,2 on the CPU)")
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.repeats = 2, 1
         args.per_rank_batch = args.per_rank_batch or QUICK_BATCH
         args.global_batch = args.global_batch or QUICK_BATCH
-        args.overrides = [*QUICK, *args.overrides]
+        args.overrides = [*QUICK, *model_settings(args.model, quick=True), *args.overrides]  # workers get them too
     return args
 
 
@@ -104,7 +104,7 @@ def worker(args) -> int:
 
     out = Path(args.worker)
     config = args.config or recipe_path(args.model)
-    user = ["data.loader=gpu", f"model.name={args.model}", *args.overrides]
+    user = ["data.loader=gpu", *model_settings(args.model, quick=False), *args.overrides]
     recipe = bench_config(config, args.data_root, user)
     env = init_distributed(args.device)
     try:
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     info = hardware(device)
     ranks = rank_counts(args)
     recipe = bench_config(args.config or recipe_path(args.model), args.data_root,
-                          ["data.loader=gpu", f"model.name={args.model}", *args.overrides])
+                          ["data.loader=gpu", *model_settings(args.model, quick=False), *args.overrides])
     for mode in args.modes:
         for n in ranks:
             batch = mode_batch(args, mode, n, recipe.train.global_batch_size)

@@ -31,14 +31,15 @@ import torch
 
 from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config,
                                      check_common_arguments, free_device_memory, hardware,
-                                     quiet_trainer, recipe_path, run_folder, run_main, synchronize, write_report)
+                                     model_settings, quiet_trainer, recipe_path, run_folder, run_main, synchronize, write_report)
 from cifar_dist.data.splits import load_split
 from cifar_dist.engine.distributed import DistEnv
+from cifar_dist.config import load_config
 from cifar_dist.engine.evaluation import evaluate
 from cifar_dist.errors import ConfigError
 
 NAME = "time_to_accuracy"
-QUICK = ["model.widths=[8,16,16]", "train.global_batch_size=64", "train.epochs=2", "train.compile=false",
+QUICK = ["train.global_batch_size=64", "train.epochs=2", "train.compile=false",
          "data.train_subset=256"]
 
 
@@ -58,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.config = args.config or recipe_path("fast")
     if args.quick:
         args.runs, args.target = 2, 0.1
-        args.overrides = [*QUICK, *args.overrides]
+        model = load_config(args.config).model.name
+        args.overrides = [*QUICK, *model_settings(model, quick=True), *args.overrides]
     return args
 
 

@@ -27,18 +27,17 @@ import torch
 
 from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
                                          csv_list, free_device_memory, hardware, quiet_trainer,
-                                         recipe_path, run_folder, run_main, synchronize, time_epoch, write_report)
+                                         model_settings, recipe_path, registered_models, run_folder, run_main, synchronize, time_epoch, write_report)
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.errors import UserError
 
 NAME = "train_throughput"
-MODELS = ("attention_resnet", "fast", "resnet18")
 # Every toggle off; each row then turns one on.
 BASELINE = ["train.channels_last=true", "train.amp=false", "train.compile=false", "train.ema_decay=0",
             "augment.mixup_prob=0", "augment.cutmix_prob=0", "train.sync_bn=off"]
 TOGGLES = ("baseline", "channels_last=off", "amp=bf16", "amp=fp16", "compile=on", "ema=on", "mixup_cutmix=on",
            "sync_bn=on", "recipe")
-QUICK = ["model.width=4", "model.widths=[8,16,16]", "train.global_batch_size=32"]
+QUICK = ["train.global_batch_size=32"]  # and each model at its registered tiny size
 FALLBACK_EMA_DECAY = 0.999
 FALLBACK_MIX_PROB = 0.3
 
@@ -46,7 +45,7 @@ FALLBACK_MIX_PROB = 0.3
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cifar-dist bench train_throughput", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--models", default="attention_resnet,fast", help=f"comma-separated subset of {', '.join(MODELS)}")
+    add("--models", default="attention_resnet,fast", help=f"comma-separated subset of {', '.join(registered_models())}")
     add("--toggles", default=None, help=f"comma-separated subset of {', '.join(TOGGLES)} (default: all; "
                                          "with --quick on the CPU all but compile=on)")
     add("--config", default=None, help="one config for every model (default: each model's recipe)")
@@ -59,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_common_arguments(parser, args)
     if min(args.steps, args.repeats) < 1 or args.budget_s < 0:
         parser.error("--steps and --repeats must be at least 1, --budget-s at least 0")
-    args.models = csv_list(args.models, MODELS, "--models")
+    args.models = csv_list(args.models, registered_models(), "--models")
     if args.toggles is None:
         skip_compile = args.quick and args.device == "cpu"  # a cold compile takes about a minute on 2 cores
         args.toggles = [t for t in TOGGLES if not (skip_compile and t == "compile=on")]
@@ -114,7 +113,7 @@ def start_row(args, row: Row, env: DistEnv, run_dir: str) -> None:
         row.note = "not measured: SyncBatchNorm runs on CUDA only"
         return
     config = args.config or recipe_path(row.model)
-    user = ["data.loader=gpu", f"model.name={row.model}", *args.overrides]
+    user = ["data.loader=gpu", *model_settings(row.model, args.quick), *args.overrides]
     recipe = bench_config(config, args.data_root, user)
     settings = [f"data.train_subset={args.steps * recipe.train.global_batch_size}",
                 f"train.epochs={1 + args.repeats}", "train.grad_accum_steps=1", f"run.dir={run_dir}"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.engine.ema import EMA, NoEMA
 from cifar_dist.engine.optim import build_optimizer, sgd_rates
 from cifar_dist.hardware import device_name
-from cifar_dist.models import build_model, model_entry
+from cifar_dist.models import build_model
 
 WHITENING_IMAGES = 5000  # training images the fast net's whitening layer is fitted on (airbench)
 
@@ -100,19 +99,8 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def import_run_modules(cfg: Config) -> None:
-    """Import run.imports (modules that register models of their own), naming any that fails."""
-    for name in cfg.run.imports:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise ConfigError(f"run.imports: cannot import {name!r} ({err}); put its folder on PYTHONPATH") from None
-
-
 def preflight(cfg: Config) -> None:
-    """The checks that need the registries (model name and options, loader support), building nothing."""
-    import_run_modules(cfg)
-    model_entry(cfg.model.name)
+    """The checks beyond the config's own (the model builds, the loader supports the recipe)."""
     build_model(cfg.model)
     check_loader_support(cfg.augment, cfg.data.loader)
 
@@ -166,7 +154,6 @@ class Run:
 def build_model_for(cfg: Config, device: torch.device, channels_last: bool, sync_bn: bool = False,
                     whitening_images=None) -> nn.Module:
     """The bare model on device: built, whitened from data when it has a whitening layer, laid out."""
-    import_run_modules(cfg)
     torch.manual_seed(cfg.train.seed)  # the same initial weights for a given seed, whatever the world size
     model = build_model(cfg.model).to(device)
     if channels_last:

@@ -19,7 +19,7 @@ from cifar_dist.atomic import atomic_write
 from cifar_dist.config import Config, config_to_dict
 from cifar_dist.engine.distributed import DistEnv, average_tensors_, gather_objects
 from cifar_dist.errors import CheckpointError
-from cifar_dist.models import model_options
+from cifar_dist.models import model_identity
 
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
@@ -127,7 +127,7 @@ def capture(run, progress: Progress, cfg: Config, env: DistEnv) -> dict:
 
 def restore(run, state: dict, cfg: Config, env: DistEnv, log=print) -> Progress:
     """Load state into the assembled run (after DDP's start-up broadcast) and return its progress."""
-    saved, wanted = model_options(state["config"]["model"]), model_options(cfg.model)
+    saved, wanted = model_identity(state["config"]["model"]), model_identity(cfg.model)
     if saved != wanted:
         raise CheckpointError(f"the checkpoint was trained with model settings {saved}, but the config asks for "
                               f"{wanted}; resume with the same model.* keys or train.resume=never")

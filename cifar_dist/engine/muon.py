@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor
+from torch.optim.sgd import sgd
 
 NS_EPS = 1e-7
 # Keller Jordan's quintic, chosen to maximise the slope at zero: singular values land in about
@@ -96,9 +97,9 @@ class Muon(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
-        torch.optim.sgd.sgd(params, grads, buffers, has_sparse_grad=any(g.is_sparse for g in grads),
-                            weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"],
-                            dampening=0.0, nesterov=group["nesterov"], maximize=False)
+        sgd(params, grads, buffers, has_sparse_grad=any(g.is_sparse for g in grads),
+            weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"], dampening=0.0,
+            nesterov=group["nesterov"], maximize=False)
         for p, buffer in zip(params, buffers):  # sgd() creates the buffers on the first step
             self.state[p]["momentum_buffer"] = buffer
 

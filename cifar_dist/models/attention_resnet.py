@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cifar_dist.keys import Key
 from cifar_dist.models.registry import register_model
 from cifar_dist.models.resnet import BasicBlock, conv_bn, kaiming_init
 
@@ -77,11 +78,10 @@ class AttentionResNet(nn.Module):
         return self.fc(self.dropout(x.mean(dim=(2, 3))))
 
 
-@register_model("attention_resnet", options=("width", "dropout"))
+@register_model("attention_resnet", options=(
+    Key(31, "attention_resnet: stem width; stages are 2/4/8/8 × width", range="[1, inf)", name="width"),
+    Key(0.3, "attention_resnet: dropout before the classifier", range="[0, 1)", name="dropout"),
+), tiny={"width": 4})
 def build(num_classes: int, width: int, dropout: float) -> AttentionResNet:
     """The reference project's ResNet with channel + spatial attention (4,913,705 parameters at width 31)."""
-    if width < 1:
-        raise ValueError(f"model.width must be at least 1 for attention_resnet; got {width}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"model.dropout must be in [0, 1); got {dropout}")
     return AttentionResNet(width, num_classes, dropout)

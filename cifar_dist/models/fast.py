@@ -1,20 +1,23 @@
 """The fast net of the CIFAR-10 speed records (after Keller Jordan's airbench94).
 
-A frozen 2x2 patch-whitening conv, three conv groups (conv, max-pool, BN, GELU, conv, BN, GELU),
-a global max-pool and a bias-free linear classifier whose logits are scaled by cfg.scale.
-The whitening weights come from training images: call `init_from_data` before training.
+A frozen 2x2 patch-whitening conv, GELU, three conv groups (conv, max-pool, BN, act, conv, BN, act;
+act GELU, or SiLU as the 2025 record), a global max-pool and a bias-free linear classifier whose logits
+are scaled by model.scale. The whitening weights come from training images: call `init_from_data`
+before training.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from cifar_dist.keys import Key
 from cifar_dist.models.registry import register_model
 
 WHITEN_KERNEL = 2
 WHITEN_CHANNELS = 2 * 3 * WHITEN_KERNEL**2  # every eigen-direction of a 2x2x3 patch and its negative
 BN_EPS = 1e-12  # airbench's value: the frozen BN scale makes a larger eps a needless bias
 WHITEN_EPS = 5e-4  # added to the eigenvalues so that near-null directions are not blown up
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
 
 
 def frozen_scale_bn(channels: int, bn_momentum: float) -> nn.BatchNorm2d:
@@ -37,16 +40,16 @@ def dirac_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
 
 
 class ConvGroup(nn.Module):
-    """conv -> max-pool 2 -> BN -> GELU -> conv -> BN -> GELU."""
+    """conv -> max-pool 2 -> BN -> act -> conv -> BN -> act."""
 
-    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float):
+    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float, activation: str = "gelu"):
         super().__init__()
         self.conv1 = dirac_conv(in_channels, out_channels)
         self.pool = nn.MaxPool2d(2)
         self.norm1 = frozen_scale_bn(out_channels, bn_momentum)
         self.conv2 = dirac_conv(out_channels, out_channels)
         self.norm2 = frozen_scale_bn(out_channels, bn_momentum)
-        self.activation = nn.GELU()
+        self.activation = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.activation(self.norm1(self.pool(self.conv1(x))))
@@ -70,7 +73,7 @@ class FastNet(nn.Module):
     """Whitening conv, three conv groups, global max-pool, scaled linear classifier."""
 
     def __init__(self, widths=(64, 256, 256), num_classes: int = 10, bn_momentum: float = 0.6,
-                 scale: float = 1 / 9):
+                 scale: float = 1 / 9, activation: str = "gelu", head_init_std: float = 0.0):
         super().__init__()
         # Frozen weight (set by init_from_data); the bias trains, as in airbench, where the
         # trainer may freeze it after a few epochs.
@@ -80,10 +83,13 @@ class FastNet(nn.Module):
         self.activation = nn.GELU()
         groups, in_channels = [], WHITEN_CHANNELS
         for width in widths:
-            groups.append(ConvGroup(in_channels, width, bn_momentum))
+            groups.append(ConvGroup(in_channels, width, bn_momentum, activation))
             in_channels = width
         self.groups = nn.Sequential(*groups)
         self.fc = nn.Linear(in_channels, num_classes, bias=False)
+        if head_init_std > 0:  # airbench94_muon: unit-std head weights, logits scaled by 1/width instead
+            with torch.no_grad():
+                self.fc.weight.mul_(head_init_std / self.fc.weight.std())
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,13 +128,22 @@ def patch_eigenbasis(images: torch.Tensor, kernel: int, chunk: int = 1000) -> tu
     return eigenvalues.flip(0).float(), eigenvectors.flip(1).float()
 
 
-@register_model("fast", options=("widths", "bn_momentum", "scale"))
-def build(num_classes: int, widths: list, bn_momentum: float, scale: float) -> FastNet:
+def _three_positive_integers(widths: list) -> str | None:
+    if len(widths) == 3 and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+        return None
+    return "three positive integers (block1, block2, block3)"
+
+
+@register_model("fast", options=(
+    Key([64, 256, 256], "fast: channels of its three conv groups", check=_three_positive_integers, name="widths"),
+    Key(0.6, "fast: weight of the old BN statistics (airbench's convention)", range="[0, 1)", name="bn_momentum"),
+    Key(1 / 9, "fast: multiplier of the classifier's logits", range="(0, inf)", name="scale"),
+    Key("gelu", "fast: activation of the conv groups (the one after the whitening conv stays GELU)",
+        choices=tuple(ACTIVATIONS), name="activation"),
+    Key(0.0, "fast: rescale the classifier's initial weights to this std (airbench94_muon: 1; 0: torch's init)",
+        range="[0, inf)", name="head_init_std"),
+), tiny={"widths": [8, 16, 16]})
+def build(num_classes: int, widths: list, bn_momentum: float, scale: float, activation: str,
+          head_init_std: float) -> FastNet:
     """airbench-style net: whitening conv, three conv groups, scaled linear head (speed records)."""
-    if len(widths) != 3 or not all(isinstance(w, int) and w >= 1 for w in widths):
-        raise ValueError(f"model.widths must be three positive integers for the fast net; got {widths}")
-    if not 0.0 <= bn_momentum < 1.0:
-        raise ValueError(
-            f"model.bn_momentum is the weight of the old BN statistics and must be in [0, 1); got {bn_momentum}"
-        )
-    return FastNet(tuple(widths), num_classes, bn_momentum, scale)
+    return FastNet(tuple(widths), num_classes, bn_momentum, scale, activation, head_init_std)

@@ -1,15 +1,15 @@
 """Test-only models, registered on import (the trainer imports this module through
 `run.imports=[tiny_models]` with tests/scripts on PYTHONPATH, or train_run.py imports it).
 
-`tiny_nobn` (no BatchNorm, no dropout); `nan_after` (its logits turn NaN after NAN_AFTER training
-forwards, to exercise the non-finite-loss guard); `overflow_first` (its gradient is infinite in the
-first OVERFLOW_STEPS backward passes while the loss stays finite, as after an fp16 overflow).
+`tiny_nobn` (no BatchNorm, no dropout); `nan_after` (its logits turn NaN after `model.nan_after`
+training forwards, to exercise the non-finite-loss guard); `overflow_first` (its gradient is infinite
+in the first `model.overflow_steps` backward passes while the loss stays finite, as after an fp16
+overflow). The last two declare keys of their own, as a user's model would.
 """
-import os
-
 import torch
 from torch import nn
 
+from cifar_dist.keys import Key
 from cifar_dist.models import register_model
 
 
@@ -63,6 +63,9 @@ class OverflowFirst(TinyNoBN):
 
 
 register_model("tiny_nobn")(lambda num_classes: TinyNoBN(num_classes))
-register_model("nan_after")(lambda num_classes: NanAfter(num_classes, int(os.environ.get("NAN_AFTER", "10"))))
-register_model("overflow_first")(
-    lambda num_classes: OverflowFirst(num_classes, int(os.environ.get("OVERFLOW_STEPS", "20"))))
+register_model("nan_after", options=(
+    Key(10, "nan_after: training forwards before the logits turn NaN", range="[0, inf)", name="nan_after"),
+))(lambda num_classes, nan_after: NanAfter(num_classes, nan_after))
+register_model("overflow_first", options=(
+    Key(20, "overflow_first: backward passes whose gradient is infinite", range="[0, inf)", name="overflow_steps"),
+))(lambda num_classes, overflow_steps: OverflowFirst(num_classes, overflow_steps))

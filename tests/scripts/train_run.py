@@ -33,7 +33,7 @@ if __name__ == "__main__":
 
         def fit_and_dump(self):
             outcome = original_fit(self)
-            record = {"exit": trainer_module.EXIT_CODES[outcome], "model": state_hash(self.run.model),
+            record = {"exit": int(outcome.exit_code), "model": state_hash(self.run.model),
                       "ema": state_hash(self.run.ema.module) if self.run.ema.enabled else None,
                       "history": self.progress.history}
             Path(dump_dir, f"rank{self.env.rank}.json").write_text(json.dumps(record))
