@@ -39,12 +39,23 @@ def test_string_keys_keep_yaml_words_and_quotes():
     ("data.loader=dali", "'data.loader' must be one of ffcv, gpu, torchvision"),
     ("augment.mixup_prob=0.8", "mixup_prob \\+ augment.cutmix_prob must be at most 1"),
     ("data.val_fraction=1.5", "'data.val_fraction' must be in \\[0, 1\\)"),
+    ("train.muon.momentum=1", "'train.muon.momentum' must be in \\[0, 1\\)"),
+    ("train.muon.ns_steps=0", "'train.muon.ns_steps' must be in \\[1, 20\\]"),
+    ("train.muon.ns_coefficients=[1, 2]", "'train.muon.ns_coefficients' must be three numbers"),
+    ("train.optimizer=adam", "'train.optimizer' must be one of sgd, muon"),
     ("train.lr", "not of the form key.sub=value"),
     ("train=3", "is a section"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_rules_between_keys():
+    with pytest.raises(ConfigError, match="normalize_every_end=2 must be 0 or at least train.muon.normalize_every=3"):
+        load_config(None, ["train.muon.normalize_every=3", "train.muon.normalize_every_end=2"])
+    with pytest.raises(ConfigError, match="'augment.cutmix_alpha' must be > 0 when augment.cutmix_prob > 0"):
+        load_config(None, ["augment.cutmix_alpha=0"])
 
 
 def test_bad_yaml_file_names_the_file_and_key(tmp_path):

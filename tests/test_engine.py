@@ -1,6 +1,7 @@
 """Engine pieces on their own: EMA, optimizer groups and rates, LR schedules, TTA, evaluation, collectives."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -13,7 +14,7 @@ from cifar_dist.errors import ConfigError
 from cifar_dist.engine.build import per_rank_batch_size, resolve_sync_bn
 from cifar_dist.engine.ema import EMA, NoEMA
 from cifar_dist.engine.evaluation import evaluate, tta_logits, tta_views
-from cifar_dist.engine.optim import build_optimizer, lr_factor, parameter_groups, sgd_rates
+from cifar_dist.engine.optim import build_optimizer, lr_factor, parameter_groups, sgd_rates, whiten_bias_factor
 from cifar_dist.models import build_model
 from conftest import REPO, run_torchrun, shifted
 
@@ -128,7 +129,20 @@ def test_lr_schedules():
     assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0)
     assert cosine[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert all(a >= b for a, b in zip(cosine[9:], cosine[10:]))
-    assert lr_factor(50, 100, "cosine", 10, 0.2, 0.0, 0.0, freeze_step=50) == 0.0
+    # airbench94_muon: no warm-up, 1 at step 0 falling linearly to 0 at step `total` (200 steps)
+    linear = [lr_factor(s, 200, "triangular", 0, 0.0, 0.0, 0.0) for s in range(201)]
+    assert linear == pytest.approx([1 - s / 200 for s in range(201)], abs=1e-15)
+
+
+def test_whitening_bias_factor_follows_the_schedule_or_its_own_line_then_freezes():
+    main = functools.partial(lr_factor, total_steps=200, schedule="triangular", warmup_steps=0, peak_fraction=0.0,
+                             start_factor=0.0, end_factor=0.0)
+    follows = [whiten_bias_factor(s, main, 75, linear=False) for s in range(200)]
+    assert follows[:75] == [main(s) for s in range(75)] and set(follows[75:]) == {0.0}
+    # airbench94_muon: the whitening bias's lr falls to 0 over its own 75 steps (3 epochs of 25)
+    own = [whiten_bias_factor(s, main, 75, linear=True) for s in range(200)]
+    assert own[:75] == pytest.approx([1 - s / 75 for s in range(75)]) and set(own[75:]) == {0.0}
+    assert whiten_bias_factor(150, main, None, linear=True) == main(150)  # no freeze: the main schedule
 
 
 def test_whitening_bias_freezes_at_its_epoch():
@@ -145,6 +159,9 @@ def test_whitening_bias_freezes_at_its_epoch():
     assert lrs[3 * 48 - 1][whiten] > 0 and lrs[3 * 48][whiten] == 0.0 and lrs[3 * 48][weights] > 0
     with pytest.raises(ConfigError, match="whiten_bias_epochs applies to models with a whitening layer"):
         build_optimizer(small_net_built(), cfg, 1024, 48, 476)
+    muon = load_config(None, ["train.optimizer=muon"]).train
+    with pytest.raises(ConfigError, match="train.optimizer=muon updates conv filters .* has no trainable ones"):
+        build_optimizer(nn.Sequential(nn.Flatten(), nn.Linear(3072, 10)), muon, 128, 10, 100)
 
 
 def test_batch_division_and_sync_bn_rules():

@@ -432,3 +432,36 @@ def test_wandb_online_with_a_key_but_no_server_falls_back_to_offline(data_root, 
     assert time.monotonic() - started < 120
     assert "is not reachable" in result.stdout and "logging offline instead" in result.stdout
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
+
+
+MUON = ["train.optimizer=muon", "train.muon.lr=0.05", "train.ema_decay=0"]
+
+
+def test_muon_trains_identically_on_two_ranks_and_resumes_bitwise(data_root, tmp_path):
+    """Muon's orthogonalised updates come from all-reduced gradients, so the ranks stay identical; its
+    momentum buffers and renormalisation counters are optimizer state, so a resume continues bitwise."""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    result = torchrun_train(tiny_args(data_root, tmp_path / "ranks", *MUON), env={"DUMP_DIR": str(dump)})
+    assert result.returncode == 0, result.stderr[-8000:]
+    ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["model"] == ranks[1]["model"]
+    assert "muon (lr 0.05) on the conv filters" in result.stdout
+
+    whole = train(tiny_args(data_root, tmp_path / "whole", *MUON))
+    assert whole.returncode == 0, whole.stderr[-8000:]
+    first = train(tiny_args(data_root, tmp_path / "resumed", *MUON, "train.max_steps=20"))
+    assert first.returncode == 0, first.stderr[-8000:]
+    state = checkpoint.load(tmp_path / "resumed" / "last.pt")
+    muon_group = state["optimizer"]["param_groups"][0]
+    assert muon_group["muon"] and muon_group["step"] == 20  # the filters' group, with its counters
+    second = train(tiny_args(data_root, tmp_path / "resumed", *MUON))
+    assert second.returncode == 0, second.stderr[-8000:]
+    resumed, whole = (checkpoint.load(tmp_path / name / "last.pt")["model"] for name in ("resumed", "whole"))
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole), "the resumed Muon run differs"
+
+    other = train(tiny_args(data_root, tmp_path / "resumed", "train.optimizer=sgd", "train.epochs=3"))
+    assert other.returncode == 2
+    assert "trained with train.optimizer=muon, but the config asks for train.optimizer=sgd" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1

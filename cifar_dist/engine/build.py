@@ -24,7 +24,7 @@ from cifar_dist.errors import ConfigError
 from cifar_dist.data.loaders import GpuLoader, build_loader
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.engine.ema import EMA, NoEMA
-from cifar_dist.engine.optim import build_optimizer, sgd_rates
+from cifar_dist.engine.optim import build_optimizer, check_optimizer_fits, sgd_rates
 from cifar_dist.hardware import device_name
 from cifar_dist.models import build_model
 
@@ -48,6 +48,7 @@ class RunPlan:
     steps_per_epoch: int
     epochs: float
     total_steps: int
+    optimizer: str
     sgd_lr: float
     amp_dtype: str
     grad_scaler: bool
@@ -100,8 +101,9 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 
 def preflight(cfg: Config) -> None:
-    """The checks beyond the config's own (the model builds, the loader supports the recipe)."""
-    build_model(cfg.model)
+    """The checks beyond the config's own: the model builds and has what the optimizer needs, the loader
+    supports the recipe."""
+    check_optimizer_fits(build_model(cfg.model), cfg.train)
     check_loader_support(cfg.augment, cfg.data.loader)
 
 
@@ -224,6 +226,8 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
         train_images=train_loader.split_size, eval_split=eval_split, eval_images=eval_loader.split_size,
         global_batch_size=tc.global_batch_size, micro_batch_size=micro_batch, grad_accum_steps=tc.grad_accum_steps,
         steps_per_epoch=steps_per_epoch, epochs=tc.epochs, total_steps=total_steps,
+        optimizer=(f"muon (lr {tc.muon.lr}) on the conv filters, sgd on the rest" if tc.optimizer == "muon"
+                   else "sgd"),
         sgd_lr=sgd_rates(tc, tc.global_batch_size)[0],
         amp_dtype=str(amp_dtype).removeprefix("torch.") if amp_dtype else "off", grad_scaler=scaler.is_enabled(),
         sync_bn=sync_bn, channels_last=tc.channels_last, compile=tc.compile_mode if tc.compile else "off",

@@ -131,6 +131,11 @@ def restore(run, state: dict, cfg: Config, env: DistEnv, log=print) -> Progress:
     if saved != wanted:
         raise CheckpointError(f"the checkpoint was trained with model settings {saved}, but the config asks for "
                               f"{wanted}; resume with the same model.* keys or train.resume=never")
+    saved_optimizer = state["config"]["train"].get("optimizer", "sgd")
+    if saved_optimizer != cfg.train.optimizer:
+        raise CheckpointError(f"the checkpoint was trained with train.optimizer={saved_optimizer}, but the config asks "
+                              f"for train.optimizer={cfg.train.optimizer}; their states differ: resume with "
+                              f"train.optimizer={saved_optimizer}, or start afresh with train.resume=never")
     try:
         run.model.load_state_dict(state["model"])
         run.ema.load_state_dict(state["ema"])
