@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from cifar_dist.benchmarks import BENCHMARKS
-from cifar_dist.config import KEYS_HINT, load_config
+from cifar_dist.config import KEYS_HINT, TTA_LEVELS, load_config
 from cifar_dist.errors import ConfigError, ExitCode, UserError
 from cifar_dist.inference.inputs import LABEL_FORMATS
 from cifar_dist.inference.methods import METHODS
@@ -45,13 +45,15 @@ def _positive_int(text: str) -> int:
 
 
 def _tta_level(text: str):
-    if text not in ("0", "1", "2", "heavy"):  # engine.evaluation.TTA_LEVELS, named here to keep torch unloaded
-        raise argparse.ArgumentTypeError(f"expected 0, 1, 2 or heavy; got {text!r}")
-    return text if text == "heavy" else int(text)
+    levels = {str(level): level for level in TTA_LEVELS}
+    if text not in levels:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(levels)}; got {text!r}")
+    return levels[text]
 
 
-TTA_HELP = ("test-time augmentation, softmax averaged over the views: 0 none, 1 + mirror, 2 + mirrors of ±1 px "
-            "translations (airbench weights), heavy + ±2 px translations in 4 directions and their mirrors")
+TTA_HELP = ("test-time augmentation: 0 none, 1 + mirror, 2 + mirrors of ±1 px translations (airbench weights), "
+            "heavy + ±2 px translations in 4 directions and their mirrors; averaged as the checkpoint's "
+            "train.tta_average says (logits unless overridden)")
 
 
 def build_parser() -> argparse.ArgumentParser:

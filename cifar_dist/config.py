@@ -172,6 +172,9 @@ class TrainConfig:
                             range=AT_LEAST_0)
     tta: object = option(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + ±1 px "
                          "translations (airbench), heavy: 2 + ±2 px translations", TTA_LEVELS)
+    tta_average: str = option("logits", "what TTA averages over the views, in training and in evaluate/predict/"
+                              "ensemble: the logits (the speed records) or the softmax probabilities",
+                              ("logits", "probabilities"))
     tta_fraction: float = option(1.0, "share of the images that get TTA: the least confident by their plain top "
                                  "probability (the 2025 speed record: 0.25); the rest keep their plain logits",
                                  range="(0, 1]")

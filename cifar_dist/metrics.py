@@ -36,9 +36,12 @@ def averages(scores: dict[str, list]) -> dict[str, dict]:
     return result
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """counts[true][predicted]."""
-    return np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).reshape(num_classes, -1)
+def confusion_matrix(labels, predictions, num_classes: int):
+    """counts[true][predicted] of numpy arrays, or of torch tensors on their device (the trainer counts there)."""
+    flat = labels * num_classes + predictions
+    counts = flat.bincount(minlength=num_classes ** 2) if hasattr(flat, "bincount") else \
+        np.bincount(flat, minlength=num_classes ** 2)
+    return counts.reshape(num_classes, num_classes)
 
 
 def report_markdown(confusion, class_names) -> str:

@@ -24,12 +24,11 @@ from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine import checkpoint
 from cifar_dist.engine.build import build_model_for
 from cifar_dist.errors import CheckpointError
-from cifar_dist.engine.evaluation import tta_views
+from cifar_dist.engine.evaluation import tta_output, tta_views
 from cifar_dist.inference import export as export_module
 from cifar_dist.inference.weights import load_model
 from cifar_dist.inference.ensemble import majority_vote
 from cifar_dist.inference.methods import Fit, FitStore, apply_fit, fit_offsets, fit_threshold, with_offsets
-from cifar_dist.inference.scoring import view_probabilities
 from conftest import REPO, run_cli, run_torchrun, shifted
 
 VAL_IMAGES = 1000  # data.val_fraction=0.02 of 50,000
@@ -302,9 +301,10 @@ def test_tta_level1_flip_invariant_model_and_hand_average(trained, test_batch):
     images = EvalTransform(channels_last=True)(torch.from_numpy(test_batch[0][:16]).permute(0, 3, 1, 2))
     with torch.no_grad():
         invariant = FlipInvariant(model)
-        assert torch.equal(view_probabilities(invariant, images, 1), view_probabilities(invariant, images, 0))
+        assert torch.equal(tta_output(invariant, images, 1, "probabilities"),
+                           tta_output(invariant, images, 0, "probabilities"))
         by_hand = 0.5 * torch.softmax(model(images), 1) + 0.5 * torch.softmax(model(images.flip(-1)), 1)
-        torch.testing.assert_close(view_probabilities(model, images, 1), by_hand, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(tta_output(model, images, 1, "probabilities"), by_hand, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(by_hand, torch.softmax(model(images), 1), atol=1e-4)  # the mirror matters
 
 
@@ -322,10 +322,31 @@ def test_heavy_tta_views_by_hand():
     level2 = 0.25 * pair(images) + 0.125 * (pair(shifted(images, -1, -1)) + pair(shifted(images, 1, 1)))
     two_px = sum(pair(shifted(images, dy, dx)) for dy, dx in ((2, 0), (-2, 0), (0, 2), (0, -2)))
     with torch.no_grad():
-        torch.testing.assert_close(view_probabilities(model, images, "heavy"), 0.75 * level2 + two_px / 32,
+        torch.testing.assert_close(tta_output(model, images, "heavy", "probabilities"), 0.75 * level2 + two_px / 32,
                                    rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(view_probabilities(model, images, 2), level2, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(tta_output(model, images, 2, "probabilities"), level2, rtol=1e-6, atol=1e-6)
     assert [w for w, _ in tta_views(images, "heavy")] == [3 / 16] * 2 + [3 / 32] * 4 + [1 / 32] * 8
+
+
+def test_one_tta_rule_logits_or_probabilities_and_the_selective_share():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 5))
+    images = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        views = tta_views(images, 2)
+        logits = sum(w * model(v) for w, v in views)
+        torch.testing.assert_close(tta_output(model, images, 2), logits, rtol=1e-6, atol=1e-6)  # logits by default
+        plain = model(images)
+        least_confident = torch.softmax(plain, 1).amax(1).argsort()[:2]  # 25% of 8 images
+        expected = plain.clone()
+        expected[least_confident] = logits[least_confident]
+        selective = tta_output(model, images, 2, "logits", fraction=0.25)
+        torch.testing.assert_close(selective, expected, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(selective, logits)  # the others kept their plain output
+        probabilities = tta_output(model, images, 2, "probabilities", fraction=0.25)
+        expected = torch.softmax(plain, 1)
+        expected[least_confident] = tta_output(model, images, 2, "probabilities")[least_confident]
+        torch.testing.assert_close(probabilities, expected, rtol=1e-6, atol=1e-6)
 
 
 # --- ensemble ----------------------------------------------------------------------------------
@@ -423,7 +444,7 @@ def test_reference_state_dict_loads_with_identical_logits(tmp_path, capsys):
     torch.save(reference, tmp_path / "best_ema_model.pth")
     images = torch.randn(2, 3, 32, 32)
     loaded = load_model(tmp_path / "best_ema_model.pth")
-    assert loaded.weights == "reference" and loaded.cfg.model.width == 4
+    assert loaded.weights == "reference" and loaded.cfg.model.options["width"] == 4
     with torch.no_grad():
         logits = loaded.model(images)
         assert torch.equal(logits, load_model(tmp_path / "ours.pt").model(images))

@@ -35,7 +35,7 @@ from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_co
 from cifar_dist.data.splits import load_split
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.config import load_config
-from cifar_dist.engine.evaluation import evaluate
+from cifar_dist.engine.evaluation import score_split
 from cifar_dist.errors import ConfigError
 
 NAME = "time_to_accuracy"
@@ -104,8 +104,8 @@ def one_run(cfg, env: DistEnv, target: float, budget_s: float, run_index: int) -
                     raise ConfigError(f"the run stopped early: {outcome.description}")
                 trainer.close_epoch()
                 started = time.perf_counter()
-                result = evaluate(run.net, run.eval_loader, run.eval_transform, cfg.model.num_classes,
-                                  run.autocast, cfg.train.tta)
+                result = score_split(run.net, run.eval_loader, run.eval_transform, cfg.model.num_classes,
+                                     run.autocast, cfg.train.tta, cfg.train.tta_average, cfg.train.tta_fraction)
                 synchronize(device)
                 eval_s = time.perf_counter() - started
                 points.append({"run": run_index, "epoch": trainer.progress.epoch, "time_s": timed_s + eval_s,

@@ -22,7 +22,7 @@ from cifar_dist.engine import checkpoint
 from cifar_dist.engine.build import build_run
 from cifar_dist.engine.checkpoint import LAST, Progress, float_buffers
 from cifar_dist.engine.distributed import DistEnv, all_reduce_, average_tensors_
-from cifar_dist.engine.evaluation import evaluate
+from cifar_dist.engine.evaluation import score_split
 from cifar_dist.engine.loss import soft_target_cross_entropy
 from cifar_dist.engine.reporting import RunLogger, check_wandb
 from cifar_dist.engine.run_dir import resolve_run_dir, write_run_description
@@ -237,8 +237,10 @@ class Trainer:
         average_tensors_(float_buffers(run.model))
         run.ema.sync()
         nets = {"model": run.net, **({"ema": run.ema.module} if run.ema.enabled else {})}
-        return {kind: evaluate(net, run.eval_loader, run.eval_transform, self.cfg.model.num_classes, run.autocast,
-                               tta_level) for kind, net in nets.items()}
+        tc = self.cfg.train
+        return {kind: score_split(net, run.eval_loader, run.eval_transform, self.cfg.model.num_classes, run.autocast,
+                                  tta_level, tc.tta_average, tc.tta_fraction if tta_level else 1.0)
+                for kind, net in nets.items()}
 
     def close_epoch(self) -> dict:
         """Move on to the next epoch; returns the sums `train_epoch` left for the finished one.

@@ -17,15 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_dist import metrics
 from cifar_dist.atomic import atomic_write, write_csv
 from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine.distributed import process_group
-from cifar_dist import metrics
+from cifar_dist.engine.evaluation import NLL_FLOOR
 from cifar_dist.inference import plots
-from cifar_dist.inference.weights import load_model
 from cifar_dist.inference.scoring import DEFAULT_BATCH_SIZE, Scorer, require_val_split
-
-NLL_FLOOR = 1e-12  # probability floor of the loss, so that one certain mistake does not make it infinite
+from cifar_dist.inference.weights import load_model
 
 
 def summarize(probs: np.ndarray, labels: np.ndarray) -> dict:

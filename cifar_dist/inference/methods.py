@@ -1,7 +1,7 @@
 """Prediction methods, as class probabilities per image, and their fitting on the val split.
 
   plain              softmax of the logits
-  tta                softmax averaged over the TTA views (`scoring.view_probabilities`)
+  tta                softmax of the TTA output (`engine.evaluation.tta_output`, by train.tta_average)
   class_specialized  softmax(log p_plain + b): per-class logit offsets b that maximise val accuracy
                      (coordinate ascent over OFFSET_GRID; an offset stays 0 unless it gains images)
   adaptive           p_plain where its top probability ≥ τ, else softmax(log p_tta + b); b fitted on

@@ -7,21 +7,16 @@ import torch
 from cifar_dist.errors import ConfigError
 from cifar_dist.engine.build import autocast_context, build_array_input, build_eval_input, resolve_amp_dtype
 from cifar_dist.engine.distributed import DistEnv, gather_objects
-from cifar_dist.engine.evaluation import tta_views
+from cifar_dist.engine.evaluation import tta_output
 from cifar_dist.inference.weights import LoadedModel
 
 DEFAULT_BATCH_SIZE = 500
 
 
 @torch.no_grad()
-def view_probabilities(model: torch.nn.Module, images: torch.Tensor, tta_level) -> torch.Tensor:
-    """Softmax averaged over the TTA views of normalised images, with the views' weights (float32)."""
-    return sum(weight * torch.softmax(model(view).float(), dim=1) for weight, view in tta_views(images, tta_level))
-
-
-@torch.no_grad()
-def probabilities(model, loader, transform, autocast, tta_level, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities N × C, labels N) of a loader's images in order, over all ranks (collective).
+def probabilities(model, loader, transform, autocast, tta: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities N × C, labels N) of a loader's images in order, over all ranks (collective); tta holds
+    `tta_output`'s level, average and fraction.
 
     Evaluation loaders give each rank a contiguous shard, so the ranks' parts in rank order are
     the images in order, every image once.
@@ -30,7 +25,8 @@ def probabilities(model, loader, transform, autocast, tta_level, num_classes: in
     parts, labels = [torch.zeros(0, num_classes)], [torch.zeros(0, dtype=torch.int64)]
     for images, batch_labels in loader:
         with autocast():
-            parts.append(view_probabilities(model, transform(images), tta_level).cpu())
+            output = tta_output(model, transform(images), **tta)
+            parts.append((output if tta["average"] == "probabilities" else torch.softmax(output, dim=1)).cpu())
         labels.append(batch_labels.cpu())
     shards = gather_objects((torch.cat(parts).numpy(), torch.cat(labels).numpy()))
     return np.concatenate([p for p, _ in shards]), np.concatenate([y for _, y in shards])
@@ -51,12 +47,18 @@ class Scorer:
         tc = self.cfg.train
         self.autocast = autocast_context(env.device, resolve_amp_dtype(tc.amp, tc.amp_dtype, env.device))
 
+    def _tta(self, level) -> dict:
+        """TTA at `level` by the checkpoint's rule (train.tta_average, train.tta_fraction: overridable)."""
+        return {"level": level, "average": self.cfg.train.tta_average, "fraction": self.cfg.train.tta_fraction}
+
     def split(self, split: str, tta_level) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, labels) of a data split of the config (val, test), every image once."""
         loader, transform = build_eval_input(self.cfg, self.env, split, self.batch_size)
-        return probabilities(self.model, loader, transform, self.autocast, tta_level, self.cfg.model.num_classes)
+        return probabilities(self.model, loader, transform, self.autocast, self._tta(tta_level),
+                             self.cfg.model.num_classes)
 
     def images(self, images: np.ndarray, tta_level) -> np.ndarray:
         """Probabilities of NHWC uint8 images, in their order."""
         loader, transform = build_array_input(self.cfg, self.env, images, self.batch_size)
-        return probabilities(self.model, loader, transform, self.autocast, tta_level, self.cfg.model.num_classes)[0]
+        return probabilities(self.model, loader, transform, self.autocast, self._tta(tta_level),
+                             self.cfg.model.num_classes)[0]
