@@ -16,12 +16,27 @@ import pandas as pd
 import pytest
 
 from cifar_dist.config import LoggingConfig, WandbConfig
-from cifar_dist.engine.reporting import RunLogger
+from cifar_dist.engine.run_log import RunLogger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["airplane", "automobile", "bird"]
-PER_CLASS = {"model": [0.91, 0.875, 0.5], "ema": [0.93, 0.9, 0.625]}
 CONFUSION = [[91, 4, 5], [6, 87, 7], [20, 30, 50]]
+EMA_CONFUSION = [[93, 3, 4], [5, 90, 5], [15, 25, 60]]
+
+
+def _scores(confusion) -> dict:
+    """Per-class precision, recall, F1 and support by their definitions."""
+    size = len(confusion)
+    support = [sum(row) for row in confusion]
+    predicted = [sum(confusion[r][c] for r in range(size)) for c in range(size)]
+    precision = [confusion[c][c] / predicted[c] for c in range(size)]
+    recall = [confusion[c][c] / support[c] for c in range(size)]
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall)]
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+SCORES = {"model": _scores(CONFUSION), "ema": _scores(EMA_CONFUSION)}
+FINAL = {"model": {"acc": 0.76, "loss": 0.7, "count": 300}}
 CONFIG_DICT = {"train": {"lr": 0.1, "epochs": 3}, "model": {"name": "fast"}}
 
 
@@ -70,7 +85,7 @@ def test_disabled_logger_writes_prints_and_starts_nothing(tmp_path, capsys):
         logger = RunLogger(run_dir, _cfg(mode="offline"), enabled=False, config_dict=CONFIG_DICT)
         _run_epochs(logger, [1, 2])
         logger.load_history([_record(1)])
-        logger.log_final(PER_CLASS, CONFUSION, CLASS_NAMES)
+        logger.log_final(FINAL, SCORES, CONFUSION, CLASS_NAMES)
         logger.close()
         assert logger.history == []
         assert logger.wandb_run_id is None
@@ -233,7 +248,7 @@ def test_wandb_offline_logs_epochs_tables_and_resumes_same_id(tmp_path):
     run_id = logger.wandb_run_id
     assert re.fullmatch(r"[a-z0-9]{8}", run_id)
     _run_epochs(logger, [1, 2])
-    logger.log_final(PER_CLASS, CONFUSION, CLASS_NAMES)
+    logger.log_final(FINAL, SCORES, CONFUSION, CLASS_NAMES)
     logger.close()
 
     (first_dir,) = (tmp_path / "wandb").glob("offline-run-*")
@@ -257,10 +272,13 @@ def test_wandb_offline_logs_epochs_tables_and_resumes_same_id(tmp_path):
         assert {key: row[key] for key in _record(epoch)} == _record(epoch)
 
     # log_final: both tables land in the run's files as wandb table JSON.
-    (final_row,) = [row for row in history if "per_class_accuracy/path" in row]
-    per_class_table = json.loads((first_dir / "files" / final_row["per_class_accuracy/path"]).read_text())
-    assert per_class_table["columns"] == ["class", "model_acc", "ema_acc"]
-    assert per_class_table["data"] == [[name, PER_CLASS["model"][i], PER_CLASS["ema"][i]]
+    (final_row,) = [row for row in history if "per_class/path" in row]
+    assert final_row["final/model_acc"] == 0.76
+    per_class_table = json.loads((first_dir / "files" / final_row["per_class/path"]).read_text())
+    assert per_class_table["columns"] == ["class", "support", "model_precision", "model_recall", "model_f1",
+                                          "ema_precision", "ema_recall", "ema_f1"]  # per_class.csv's schema
+    assert per_class_table["data"] == [[name, 100] + [SCORES[kind][metric][i] for kind in ("model", "ema")
+                                                      for metric in ("precision", "recall", "f1")]
                                        for i, name in enumerate(CLASS_NAMES)]
     confusion_table = json.loads((first_dir / "files" / final_row["confusion_matrix_table/path"]).read_text())
     assert confusion_table["columns"] == ["Actual", "Predicted", "nPredictions"]
@@ -289,14 +307,15 @@ def test_wandb_disabled_creates_no_folder_and_never_imports_wandb(tmp_path):
         import sys
         from pathlib import Path
         from cifar_dist.config import ConfigError, LoggingConfig, WandbConfig
-        from cifar_dist.engine.reporting import RunLogger
+        from cifar_dist.engine.run_log import RunLogger
 
         logger = RunLogger(Path({str(tmp_path)!r}), LoggingConfig(wandb=WandbConfig(mode="disabled")),
                            enabled=True, config_dict={{}})
         logger.start_epoch(1, 2)
         logger.step(1, 1, 0.5, 0.1)
         logger.end_epoch({{"epoch": 1, "global_step": 2, "train_loss": 0.5}})
-        logger.log_final({{"model": [0.5]}}, [[1]], ["cat"])
+        logger.log_final({{}}, {{"model": {{"precision": [1.0], "recall": [1.0], "f1": [1.0], "support": [1]}}}},
+                         [[1]], ["cat"])
         logger.close()
         print("wandb imported:", "wandb" in sys.modules, "run id:", logger.wandb_run_id)
     """)
@@ -312,7 +331,7 @@ def test_wandb_missing_is_an_actionable_error(tmp_path):
         sys.modules["wandb"] = None  # as if the package were not installed
         from pathlib import Path
         from cifar_dist.config import ConfigError, LoggingConfig, WandbConfig
-        from cifar_dist.engine.reporting import RunLogger
+        from cifar_dist.engine.run_log import RunLogger
 
         cfg = LoggingConfig(wandb=WandbConfig(mode="offline"))
         RunLogger(Path({str(tmp_path)!r}) / "rank1", cfg, enabled=False, config_dict={{}})  # no error off rank 0

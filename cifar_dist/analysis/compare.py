@@ -24,12 +24,10 @@ from typing import Sequence
 import pandas as pd
 
 from cifar_dist.errors import ConfigError, DataError, one_line
+from cifar_dist.run_files import FINAL as FINAL_FILE
+from cifar_dist.run_files import find_runs as find_run_dirs
 from cifar_dist.tables import markdown_table
 
-# engine/reporting.py writes final.json when a run finishes, engine/run_dir.py config.yaml when it
-# starts; named here because those modules load torch.
-FINAL_FILE = "final.json"
-CONFIG_FILE = "config.yaml"
 PLAIN_COLUMNS = ("acc", "accuracy", "plain", "val_acc")
 TTA_COLUMNS = ("tta_acc", "tta", "tta_val_acc")
 METRICS = ("plain", "TTA")
@@ -214,10 +212,7 @@ def read_side(argument: str) -> Runs | CsvAccuracies:
 
 def find_runs(argument: str, folders: list[Path]) -> Runs:
     """Every run folder at or below the folders (final.json or config.yaml in it), with its final.json if finished."""
-    candidates = {file.parent for folder in folders for name in (FINAL_FILE, CONFIG_FILE)
-                  for file in folder.rglob(name)}
-    # A run's own subfolders (wandb's files/config.yaml) are not runs.
-    run_dirs = sorted(run for run in candidates if not any(parent in candidates for parent in run.parents))
+    run_dirs = find_run_dirs(folders)
     if not run_dirs:
         raise ConfigError(f"{argument}: no run folders at or below it: expected folders holding the {FINAL_FILE} a run "
                           "writes when it finishes; point at a run, a folder of runs, or a CSV of accuracies")

@@ -9,11 +9,11 @@ requeued: as slurm.json says; else running).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import yaml
 
+from cifar_dist import run_files
 from cifar_dist.atomic import atomic_write
 from cifar_dist.errors import ConfigError
 from cifar_dist.tables import markdown_table
@@ -34,12 +34,11 @@ def flatten(mapping: dict, prefix: str = "") -> dict:
 
 
 def run_status(run_dir: Path) -> str:
-    if (run_dir / "final.json").is_file():
+    if (run_dir / run_files.FINAL).is_file():
         return "finished"
-    slurm = run_dir / "slurm.json"
+    slurm = run_dir / run_files.SLURM
     if slurm.is_file():
-        state = json.loads(slurm.read_text())
-        return state.get("status", "running")
+        return run_files.read_json(slurm).get("status", "running")
     return "running"
 
 
@@ -47,9 +46,9 @@ def run_row(run_dir: Path) -> tuple[dict, dict]:
     """(flattened config, metrics) of one run."""
     import pandas as pd
 
-    config = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    config = flatten(yaml.safe_load((run_dir / run_files.CONFIG).read_text()) or {})
     row = {"run": str(run_dir), "status": run_status(run_dir), "epochs": 0}
-    summary = run_dir / "summary.csv"
+    summary = run_dir / run_files.SUMMARY
     if summary.is_file():
         history = pd.read_csv(summary)
         row["epochs"] = len(history)
@@ -58,9 +57,9 @@ def run_row(run_dir: Path) -> tuple[dict, dict]:
                 row[f"best_{name}"], row[f"final_{name}"] = history[column].max(), history[column].iloc[-1]
         if "images_per_s" in history:
             row["images_per_s"] = history["images_per_s"].mean()
-    final = run_dir / "final.json"
+    final = run_dir / run_files.FINAL
     if final.is_file():  # the end of the run: model and EMA, without and with TTA
-        row.update({f"end_{kind}_acc": result["acc"] for kind, result in json.loads(final.read_text()).items()})
+        row.update({f"end_{kind}_acc": result["acc"] for kind, result in run_files.read_json(final).items()})
     return config, row
 
 
@@ -68,7 +67,7 @@ def collect(root: Path):
     """A pandas table, one row per run under root, with the swept keys as leading columns."""
     import pandas as pd
 
-    runs = sorted({path.parent for path in Path(root).rglob("config.yaml")})
+    runs = [run for run in run_files.find_runs([root]) if (run / run_files.CONFIG).is_file()]
     if not runs:
         raise ConfigError(f"no runs under {root}: expected folders holding the config.yaml the trainer writes")
     configs, rows = zip(*(run_row(run) for run in runs))

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import yaml
 
+from cifar_dist import plots
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import Config, load_config
 from cifar_dist.errors import ConfigError, ExitCode, UserError
@@ -131,7 +132,7 @@ def model_settings(model: str, quick: bool) -> list[str]:
 def registered_models() -> tuple[str, ...]:
     from cifar_dist.models import MODELS
 
-    return tuple(MODELS)
+    return tuple(sorted(MODELS))
 
 
 def bench_config(config_path: Path | str | None, data_root: str | None, overrides: list[str],
@@ -153,18 +154,17 @@ def quiet_trainer(cfg: Config, env):
     return Trainer(cfg, env, log=lambda *args, **kwargs: None)
 
 
-def time_epoch(trainer) -> float:
-    """Seconds of one epoch of the real training loop (no evaluation, no end-of-epoch checkpoint)."""
+def time_epoch(trainer, evaluate: bool = False, save: bool = False) -> float:
+    """Seconds of one epoch of the real training loop (`Trainer.run_epoch`): by default the steps alone, no
+    evaluation and no checkpoint write (the time-based one included)."""
     device = trainer.env.device
     synchronize(device)
     started = time.perf_counter()
-    outcome = trainer.train_epoch()
+    outcome = trainer.run_epoch(evaluate=evaluate, save=save)
     synchronize(device)
-    seconds = time.perf_counter() - started
     if outcome is not None:
         raise ConfigError(f"the training loop stopped early: {outcome.description}")
-    trainer.close_epoch()
-    return seconds
+    return time.perf_counter() - started
 
 
 @dataclass
@@ -194,7 +194,7 @@ def measure_epochs(cfg: Config, env, repeats: int, run_dir: str | Path) -> Epoch
         peak = torch.cuda.max_memory_allocated(env.device) / 2**20 if env.device.type == "cuda" else float("nan")
         return EpochTimes(seconds, trainer.run.plan, peak)
     finally:
-        trainer.logger.close()
+        trainer.close()
         del trainer
         free_device_memory(env.device)
 
@@ -230,17 +230,11 @@ class Report:
 
 
 def draw_png(plot: Callable, path: Path) -> bool:
-    """Draw plot(figure) into path; False (and a note) when matplotlib is not installed."""
+    """Draw plot(figure) into path; False when matplotlib is not installed (the report notes it)."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        plots.draw_png(plot, path)
     except ImportError:
         return False
-    figure = Figure(figsize=(9, 5))
-    FigureCanvasAgg(figure)  # a bare Figure on Agg: no pyplot state, no display needed
-    plot(figure)
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), fsync=False)
     return True
 
 

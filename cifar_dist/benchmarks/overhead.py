@@ -26,7 +26,8 @@ import torch
 from cifar_dist.augment.pipeline import make_generator
 from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
                                          csv_list, free_device_memory, hardware, quiet_trainer,
-                                         model_settings, recipe_path, registered_models, run_folder, run_main, synchronize, time_epoch, write_report)
+                                         model_settings, recipe_path, registered_models, run_folder, run_main,
+                                         synchronize, time_epoch, write_report)
 from cifar_dist.engine.build import Run, build_run
 from cifar_dist.engine.loss import soft_target_cross_entropy
 from cifar_dist.engine.distributed import DistEnv
@@ -105,7 +106,7 @@ def measure_model(args, model: str, env: DistEnv) -> dict:
                         bare_s.append(bare_epoch(bare, repeat + 1, tc.label_smoothing, tc.grad_clip_norm))
             plan = trainer.run.plan
         finally:
-            trainer.logger.close()
+            trainer.close()
             del trainer, bare
             free_device_memory(env.device)
     ratios = [t / b for t, b in zip(trainer_s, bare_s)]
@@ -118,7 +119,10 @@ def measure_model(args, model: str, env: DistEnv) -> dict:
 
 
 def model_size(cfg) -> str:
-    return " ".join(f"{key} {value}" for key, value in cfg.model.options.items())
+    """The model's size keys (those its registered tiny preset sets) and their values."""
+    from cifar_dist.models import MODELS
+
+    return " ".join(f"{key} {cfg.model.options[key]}" for key in MODELS[cfg.model.name].tiny) or "no size keys"
 
 
 def plot(frame: pd.DataFrame):

@@ -27,7 +27,8 @@ import torch
 
 from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
                                          csv_list, free_device_memory, hardware, quiet_trainer,
-                                         model_settings, recipe_path, registered_models, run_folder, run_main, synchronize, time_epoch, write_report)
+                                         model_settings, recipe_path, registered_models, run_folder, run_main,
+                                         synchronize, time_epoch, write_report)
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.errors import UserError
 
@@ -191,7 +192,7 @@ def measure(args, env: DistEnv) -> list[Row]:
                     guarded(row, time_row, row, env)
         for row in rows:
             if row.trainer is not None:
-                row.trainer.logger.close()
+                row.trainer.close()
     return rows
 
 

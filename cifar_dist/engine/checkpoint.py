@@ -19,10 +19,9 @@ from cifar_dist.atomic import atomic_write
 from cifar_dist.config import Config, config_to_dict
 from cifar_dist.engine.distributed import DistEnv, average_tensors_, gather_objects
 from cifar_dist.errors import CheckpointError
+from cifar_dist.run_files import LAST, PREVIOUS
 from cifar_dist.models import model_identity
 
-LAST = "last.pt"
-PREVIOUS = "last.prev.pt"
 FORMAT_VERSION = 2
 
 

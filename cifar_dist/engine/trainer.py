@@ -20,14 +20,16 @@ from cifar_dist.config import Config, config_to_dict
 from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine import checkpoint
 from cifar_dist.engine.build import build_run
-from cifar_dist.engine.checkpoint import LAST, Progress, float_buffers
+from cifar_dist.engine.checkpoint import Progress, float_buffers
 from cifar_dist.engine.distributed import DistEnv, all_reduce_, average_tensors_
 from cifar_dist.engine.evaluation import score_split
 from cifar_dist.engine.loss import soft_target_cross_entropy
-from cifar_dist.engine.reporting import RunLogger, check_wandb
+from cifar_dist.engine.run_log import RunLogger
+from cifar_dist.engine.run_log.wandb_sink import check_wandb
 from cifar_dist.engine.run_dir import resolve_run_dir, write_run_description
 from cifar_dist.engine.stopping import INTERRUPT, StopRequests
 from cifar_dist.errors import ExitCode
+from cifar_dist.run_files import BEST, BEST_EMA, LAST
 from cifar_dist.metrics import per_class_scores
 
 
@@ -82,6 +84,9 @@ class EpochMeter:
 
 
 class Trainer:
+    """One training run on this rank. `fit()` trains to the end or a stop; `run_epoch()` is one epoch of the
+    same loop, for those who time it (the benchmarks). Use it as a context manager, or call `close()`."""
+
     def __init__(self, cfg: Config, env: DistEnv, log=print):
         self.cfg, self.env = cfg, env
         self.log = log if env.is_main else (lambda *a, **k: None)
@@ -105,31 +110,48 @@ class Trainer:
         self.stops = StopRequests(self.log)
         self.last_checkpoint_time = time.monotonic()
 
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish the reports (the progress bar, wandb)."""
+        self.logger.close()
+
     def fit(self) -> Outcome:
         """Train to train.epochs, or until stopped; the Outcome carries its exit code."""
-        with self.stops:
-            try:
-                return self._fit()
-            finally:
-                self.logger.close()
+        with self.stops, self:
+            p, max_steps = self.progress, self.cfg.train.max_steps
+            results = None
+            while p.global_step < self.run.plan.total_steps:
+                outcome = self._train_epoch(save=True)
+                if outcome is not None:
+                    return outcome
+                results = self._end_epoch()
+                stop = self._agree().stop  # a signal that came during evaluation
+                if stop:
+                    return Outcome.INTERRUPTED if stop == INTERRUPT else Outcome.PREEMPTED
+                if max_steps and p.global_step >= max_steps:
+                    return Outcome.MAX_STEPS
+            self._final_report(results or self.score_model_and_ema(tta_level=0))
+            return Outcome.FINISHED
 
-    def _fit(self) -> Outcome:
-        p, max_steps = self.progress, self.cfg.train.max_steps
-        results = None
-        while p.global_step < self.run.plan.total_steps:
-            outcome = self.train_epoch()
-            if outcome is not None:
-                return outcome
-            results = self.end_epoch()
-            stop = self._agree().stop  # a signal that came during evaluation
-            if stop:
-                return Outcome.INTERRUPTED if stop == INTERRUPT else Outcome.PREEMPTED
-            if max_steps and p.global_step >= max_steps:
-                return Outcome.MAX_STEPS
-        self._final_report(results or self.evaluate(tta_level=0))
-        return Outcome.FINISHED
+    def run_epoch(self, evaluate: bool = True, save: bool = True) -> Outcome | None:
+        """One epoch of the loop `fit` runs, as it runs it, or without the evaluation and logging at its end
+        (evaluate=False) and without any checkpoint write (save=False, also none on the time interval).
+        None when the epoch ended, else the Outcome that stopped it."""
+        outcome = self._train_epoch(save)
+        if outcome is not None:
+            return outcome
+        if evaluate:
+            self._end_epoch(save)
+        else:
+            self._next_epoch()
+        return None
 
-    def train_epoch(self) -> Outcome | None:
+    def _train_epoch(self, save: bool) -> Outcome | None:
         """Train to the end of the epoch (None, its sums in progress.partial_epoch), or to a stop."""
         run, tc, p = self.run, self.cfg.train, self.progress
         accum, steps = tc.grad_accum_steps, run.plan.steps_per_epoch
@@ -163,10 +185,11 @@ class Trainer:
             step_in_epoch = p.global_step - p.epoch * steps
             self.logger.step(step_in_epoch, p.global_step, losses.detach().mean(), run.scheduler.get_last_lr()[0])
             reached_max = tc.max_steps and p.global_step >= tc.max_steps
-            if (flags.stop or flags.checkpoint_due or reached_max) and step_in_epoch < end:
+            if (flags.stop or flags.checkpoint_due and save or reached_max) and step_in_epoch < end:
                 p.partial_epoch = meter.totals()
-                self.save(LAST)
-                self.log(f"checkpoint: {self.run_dir / LAST} at step {p.global_step}")
+                if save:
+                    self.save(LAST)
+                    self.log(f"checkpoint: {self.run_dir / LAST} at step {p.global_step}")
                 if flags.stop:
                     return Outcome.INTERRUPTED if flags.stop == INTERRUPT else Outcome.PREEMPTED
                 if reached_max:
@@ -231,7 +254,7 @@ class Trainer:
                 checkpoint.save(state, self.run_dir / name, keep_previous=name == LAST)
         self.last_checkpoint_time = time.monotonic()
 
-    def evaluate(self, tta_level: int) -> dict[str, dict]:
+    def score_model_and_ema(self, tta_level) -> dict[str, dict]:
         """The model and its EMA on the eval split, BN buffers and EMA first made equal on all ranks."""
         run = self.run
         average_tensors_(float_buffers(run.model))
@@ -242,21 +265,18 @@ class Trainer:
                                   tta_level, tc.tta_average, tc.tta_fraction if tta_level else 1.0)
                 for kind, net in nets.items()}
 
-    def close_epoch(self) -> dict:
-        """Move on to the next epoch; returns the sums `train_epoch` left for the finished one.
-
-        `end_epoch` does this between evaluating and checkpointing; the benchmarks call it alone to
-        time epochs of the real loop without evaluation or checkpoint writes."""
+    def _next_epoch(self) -> dict:
+        """Move on to the next epoch; returns the sums `_train_epoch` left for the finished one."""
         p, sums = self.progress, self.progress.partial_epoch
         p.epoch += 1
         p.partial_epoch = {}
         return sums
 
-    def end_epoch(self) -> dict[str, dict]:
+    def _end_epoch(self, save: bool = True) -> dict[str, dict]:
         """Evaluate, log and checkpoint the epoch whose sums are in progress.partial_epoch."""
         p = self.progress
-        results = self.evaluate(tta_level=0)
-        sums = self.close_epoch()
+        results = self.score_model_and_ema(tta_level=0)
+        sums = self._next_epoch()
         record = {
             "epoch": p.epoch, "global_step": p.global_step,
             "train_loss": sums["loss"] / max(sums["count"], 1), "train_acc": sums["correct"] / max(sums["count"], 1),
@@ -270,23 +290,23 @@ class Trainer:
         p.history.append(record)
         self.logger.end_epoch(record)
         names = [LAST]
-        for kind, name in (("model", "best.pt"), ("ema", "best_ema.pt")):
+        for kind, name in (("model", BEST), ("ema", BEST_EMA)):
             if kind in results and results[kind]["count"] and results[kind]["acc"] > p.best[kind]:
                 p.best[kind] = results[kind]["acc"]
                 names.append(name)
-        self.save(*names)
+        if save:
+            self.save(*names)
         return results
 
     def _final_report(self, plain: dict[str, dict]) -> None:
-        """Per-class accuracy, precision, recall, F1 of the last epoch; accuracy with TTA when train.tta > 0."""
+        """Per-class precision, recall, F1 of the last epoch; accuracy with TTA when train.tta is set."""
         tta_level = self.cfg.train.tta
-        with_tta = self.evaluate(tta_level) if tta_level else {}
+        with_tta = self.score_model_and_ema(tta_level) if tta_level else {}
         final = {kind: {"acc": r["acc"], "loss": r["loss"], "count": r["count"]} for kind, r in plain.items()}
         final.update({f"{kind}_tta{tta_level}": {"acc": r["acc"], "loss": r["loss"], "count": r["count"]}
                       for kind, r in with_tta.items()})
-        per_class = {kind: r["per_class_acc"] for kind, r in plain.items()}
         scores = {kind: per_class_scores(r["confusion"]) for kind, r in plain.items()}
-        self.logger.log_final(per_class, plain["model"]["confusion"], list(CLASS_NAMES), final, scores)
+        self.logger.log_final(final, scores, plain["model"]["confusion"], CLASS_NAMES)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -12,17 +12,15 @@ With TTA, probabilities are averaged over the views (softmax, then the weighted 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from cifar_dist import metrics
+from cifar_dist import metrics, plots, run_files
 from cifar_dist.atomic import atomic_write, write_csv
 from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine.distributed import process_group
 from cifar_dist.engine.evaluation import NLL_FLOOR
-from cifar_dist.inference import plots
 from cifar_dist.inference.scoring import DEFAULT_BATCH_SIZE, Scorer, require_val_split
 from cifar_dist.inference.weights import load_model
 
@@ -49,26 +47,20 @@ def write_report(out_dir: Path, results: dict, probs: np.ndarray, labels: np.nda
     """The files of the module docstring; each is written whole or not at all."""
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion = results["confusion"]
-    atomic_write(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"),
-                 fsync=False)
+    run_files.write_json(out_dir / "results.json", results)
     report = metrics.report_markdown(confusion, CLASS_NAMES)
     atomic_write(out_dir / "classification_report.md", lambda tmp: tmp.write_text(report), fsync=False)
-    write_csv(out_dir / "per_class.csv", ["class", "precision", "recall", "f1", "support"],
-               [[name, row["precision"], row["recall"], row["f1"], row["support"]]
-                for name, row in results["per_class"].items()])
-    write_csv(out_dir / "confusion_matrix.csv", ["actual/predicted", *CLASS_NAMES],
-               [[name, *counts] for name, counts in zip(CLASS_NAMES, confusion)])
+    run_files.write_per_class(out_dir / run_files.PER_CLASS, CLASS_NAMES,
+                              {results["weights"]: metrics.per_class_scores(confusion)})
+    run_files.write_confusion(out_dir / run_files.CONFUSION, CLASS_NAMES, confusion)
     write_csv(out_dir / "predictions.csv", ["index", "label", "prediction", "confidence"],
                zip(range(len(labels)), labels.tolist(), probs.argmax(axis=1).tolist(),
                    np.round(probs.max(axis=1).astype(np.float64), 6).tolist()))
     title = f"{results['checkpoint']} ({results['weights']}, {results['split']}, TTA {results['tta']})"
     try:
-        atomic_write(out_dir / "confusion_matrix.png",
-                     lambda tmp: plots.plot_confusion(confusion, CLASS_NAMES, tmp, title), fsync=False)
+        plots.plot_confusion(confusion, CLASS_NAMES, out_dir / "confusion_matrix.png", title)
         calibration = results["calibration"]
-        atomic_write(out_dir / "reliability_diagram.png",
-                     lambda tmp: plots.plot_reliability(calibration["bins"], calibration["ece"], tmp, title),
-                     fsync=False)
+        plots.plot_reliability(calibration["bins"], calibration["ece"], out_dir / "reliability_diagram.png", title)
     except ImportError:
         log("note: matplotlib is not installed, so the PNG figures are not drawn; pip install matplotlib")
     log(report.rstrip("\n"))

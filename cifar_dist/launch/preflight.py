@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         from cifar_dist.engine.build import preflight
-        from cifar_dist.engine.reporting import check_wandb
+        from cifar_dist.engine.run_log.wandb_sink import check_wandb
 
         cfg = load_config(args.config, overrides)
         preflight(cfg)

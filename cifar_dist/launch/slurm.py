@@ -32,12 +32,10 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
+from cifar_dist import run_files
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import KEYS_HINT, load_config, parse_override
 from cifar_dist.errors import ConfigError, ExitCode
-
-SLURM_STATE_FILE = "slurm.json"
-
 
 def require_submitit():
     try:
@@ -46,7 +44,6 @@ def require_submitit():
         raise ConfigError("`cifar-dist slurm` needs the 'submitit' package: pip install -e .[slurm] "
                           "(or use slurm/train.sbatch, which needs nothing but Slurm)") from None
     return submitit
-
 
 def job_state(job_id: str) -> str:
     """Slurm's JobState of a job (RUNNING, COMPLETING, ...), or UNKNOWN."""
@@ -60,12 +57,11 @@ def job_state(job_id: str) -> str:
             return field.split("=", 1)[1]
     return "UNKNOWN"
 
-
 class RequeueLedger:
     """The requeue count of one run, kept in <run dir>/slurm.json (written by rank 0)."""
 
     def __init__(self, run_dir: Path, max_requeues: int):
-        self.path, self.max_requeues = Path(run_dir) / SLURM_STATE_FILE, max_requeues
+        self.path, self.max_requeues = Path(run_dir) / run_files.SLURM, max_requeues
 
     def read(self) -> dict:
         if self.path.is_file():
@@ -85,7 +81,6 @@ class RequeueLedger:
 
     def may_requeue(self) -> bool:
         return self.read()["requeues"] < self.max_requeues
-
 
 class SlurmTraining:
     """The callable submitit runs in every task: one training run in run_dir (see the module notes)."""
@@ -144,7 +139,6 @@ class SlurmTraining:
                     requeues=ledger.read()["requeues"] + 1, status="requeued")
         return submitit.helpers.DelayedSubmission(self)
 
-
 def sbatch_refusal(script: str) -> str | None:
     """Slurm's one-line objection to an sbatch script (`sbatch --test-only`: nothing is submitted), or None."""
     with tempfile.TemporaryDirectory() as folder:
@@ -155,7 +149,6 @@ def sbatch_refusal(script: str) -> str | None:
         return None
     lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
     return lines[0] if lines else f"sbatch --test-only exited with {result.returncode}"
-
 
 def sweep_points(sweeps: list[str]) -> list[list[str]]:
     """`key=v1,v2` (repeatable) → the cartesian product as lists of overrides; [[]] without sweeps."""
@@ -168,10 +161,8 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
         axes.append([f"{key}={v}" for v in values])
     return [list(point) for point in itertools.product(*axes)]
 
-
 def point_name(point: list[str]) -> str:
     return ",".join(o.split(".")[-1] for o in point) or "run"
-
 
 def executor_for(args, folder: Path, tasks_per_node: int):
     submitit = require_submitit()
@@ -186,7 +177,6 @@ def executor_for(args, folder: Path, tasks_per_node: int):
         slurm_additional_parameters={"requeue": True, **extra}, **slurm)
     executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
     return executor
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cifar-dist slurm", description=__doc__.split("\n\n")[0],
@@ -216,7 +206,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if bad:
         parser.error(f"--sbatch takes KEY=VALUE (e.g. --sbatch mail-type=END); got {', '.join(bad)}")
     return args
-
 
 def submit(argv: list[str]) -> int:
     """Submit the run (or the sweep's array); print job ids, run dirs and how to follow the logs."""
