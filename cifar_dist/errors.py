@@ -7,6 +7,7 @@ argument): every entry point reports it as one line naming what to fix and exits
 """
 from __future__ import annotations
 
+import argparse
 import enum
 import signal
 
@@ -69,3 +70,10 @@ def one_line(err: BaseException, limit: int = 400) -> str:
     """An exception's message on one line (whitespace collapsed), cut at limit characters."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad argument is a ConfigError (one line, exit 2) instead of usage + message."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (`{self.prog} --help` describes the arguments)")

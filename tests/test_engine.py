@@ -13,7 +13,7 @@ from cifar_dist.config import load_config
 from cifar_dist.errors import ConfigError
 from cifar_dist.engine.build import per_rank_batch_size, resolve_sync_bn
 from cifar_dist.engine.ema import EMA, NoEMA
-from cifar_dist.engine.evaluation import evaluate, tta_logits, tta_views
+from cifar_dist.engine.evaluation import score_split, tta_output, tta_views
 from cifar_dist.engine.optim import build_optimizer, lr_factor, parameter_groups, sgd_rates, whiten_bias_factor
 from cifar_dist.models import build_model
 from conftest import REPO, run_torchrun, shifted
@@ -191,7 +191,7 @@ def test_tta_views_and_weights_by_hand():
     for level, reference in expected.items():
         views = tta_views(images, level)
         assert sum(weight for weight, _ in views) == pytest.approx(1.0)
-        torch.testing.assert_close(tta_logits(model, images, level), reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tta_output(model, images, level), reference, rtol=1e-5, atol=1e-5)
     assert [w for w, _ in tta_views(images, 2)] == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
     channels_last = images.contiguous(memory_format=torch.channels_last)
     assert all(v.is_contiguous(memory_format=torch.channels_last) for _, v in tta_views(channels_last, 2))
@@ -211,7 +211,7 @@ def test_evaluate_counts_and_confusion():
     images = torch.zeros(6, 3, 2, 2)
     images[:, 0, 0, 0] = torch.tensor([0, 1, 2, 2, 1, 0])
     labels = torch.tensor([0, 1, 2, 0, 0, 0])
-    result = evaluate(Fixed(), [(images[:4], labels[:4]), (images[4:], labels[4:])], lambda x: x, 3)
+    result = score_split(Fixed(), [(images[:4], labels[:4]), (images[4:], labels[4:])], lambda x: x, 3)
     assert result["count"] == 6 and result["acc"] == pytest.approx(4 / 6)
     assert result["confusion"] == [[2, 1, 1], [0, 1, 0], [0, 0, 1]]
     assert result["per_class_acc"] == pytest.approx([0.5, 1.0, 1.0])

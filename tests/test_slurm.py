@@ -200,6 +200,31 @@ def test_dry_run_prints_the_script_and_submits_nothing(data_root, tmp_path):
     assert not any((tmp_path / "root").rglob("*.pkl"))
 
 
+def test_dry_run_of_a_sweep_shows_the_array_and_its_points(data_root, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cifar_dist", "slurm", "--root", str(tmp_path / "root"),
+                             "--dry-run", "--array-parallelism", "2", "--sweep", "train.lr=0.1,0.2",
+                             "--sweep", "train.label_smoothing=0,0.1", *slurm_args(data_root)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --array=0-3%2" in result.stdout
+    assert "# 4 sweep points, one array task each:" in result.stdout
+    assert "#   001_lr=0.1,label_smoothing=0.1: train.lr=0.1 train.label_smoothing=0.1" in result.stdout
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("*.pkl"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--nodes", "0"], "--nodes: must be at least 1, got 0"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node: must be at least 0, got -1"),
+    (["--time-min", "1", "--signal-delay-s", "120"], "--signal-delay-s 120 must be shorter than the time limit"),
+])
+def test_impossible_slurm_arguments_are_one_line_errors(data_root, tmp_path, bad, message):
+    result = subprocess.run([sys.executable, "-m", "cifar_dist", "slurm", "--root", str(tmp_path / "root"),
+                             "--dry-run", *bad, *slurm_args(data_root)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "root").exists()
+
+
 def test_two_node_processes_through_train_multinode(data_root, tmp_path):
     env = {**os.environ, "NNODES": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "NPROC": "1",
            "OMP_NUM_THREADS": "1", "RDZV_ID": f"test-{os.getpid()}"}

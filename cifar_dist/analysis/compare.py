@@ -23,7 +23,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from cifar_dist.errors import ConfigError, DataError, one_line
+from cifar_dist.errors import ArgumentParser, ConfigError, DataError, one_line
 from cifar_dist.run_files import FINAL as FINAL_FILE
 from cifar_dist.run_files import find_runs as find_run_dirs
 from cifar_dist.tables import markdown_table
@@ -401,7 +401,7 @@ def _confidence(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cifar-dist compare", description=__doc__,
+    parser = ArgumentParser(prog="cifar-dist compare", description=__doc__,
                                      epilog=RUNS_PER_SIDE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("a", "b"):
         parser.add_argument(name, metavar=name.upper(),

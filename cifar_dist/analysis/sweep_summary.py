@@ -8,14 +8,13 @@ requeued: as slurm.json says; else running).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import yaml
 
 from cifar_dist import run_files
 from cifar_dist.atomic import atomic_write
-from cifar_dist.errors import ConfigError
+from cifar_dist.errors import ArgumentParser, ConfigError
 from cifar_dist.tables import markdown_table
 
 SUMMARY_NAME = "sweep_summary"
@@ -80,7 +79,7 @@ def collect(root: Path):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cifar-dist sweep-summary", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="cifar-dist sweep-summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder holding the runs (e.g. a sweep's folder under runs/slurm)")
     parser.add_argument("--sort-by", default="best_val_acc", help="column to sort by, descending")
     parser.add_argument("--out", type=Path, help="folder for sweep_summary.csv/.md (default: root)")

@@ -37,6 +37,7 @@ from cifar_dist.config import AugmentConfig, Config
 from cifar_dist.data.beton import prepare
 from cifar_dist.engine.build import build_train_input
 from cifar_dist.engine.distributed import DistEnv
+from cifar_dist.errors import ArgumentParser
 
 NAME = "loader_throughput"
 LOADERS = ("torchvision", "ffcv", "gpu")
@@ -54,7 +55,7 @@ QUICK = {"images": 256, "batch_size": 128, "warmup_batches": 1, "repeats": 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cifar-dist bench loader_throughput", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="cifar-dist bench loader_throughput", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--beton-dir", default="", help="where the betons are, or are written (default: <data-root>/beton)")
     add("--batch-size", type=int, default=512)

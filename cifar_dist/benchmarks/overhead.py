@@ -31,6 +31,7 @@ from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_co
 from cifar_dist.engine.build import Run, build_run
 from cifar_dist.engine.loss import soft_target_cross_entropy
 from cifar_dist.engine.distributed import DistEnv
+from cifar_dist.errors import ArgumentParser
 
 NAME = "overhead"
 TARGET_RATIO = 1.05
@@ -38,7 +39,7 @@ QUICK = ["train.global_batch_size=32", "train.compile=false"]  # and each model 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cifar-dist bench overhead", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="cifar-dist bench overhead", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--models", default="fast,attention_resnet", help=f"comma-separated subset of {', '.join(registered_models())}")
     add("--config", default=None, help="one config for every model (default: each model's recipe)")

@@ -31,7 +31,7 @@ import cifar_dist
 from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
                                          csv_list, hardware, measure_epochs, model_settings, recipe_path, run_main,
                                          write_report)
-from cifar_dist.errors import ConfigError
+from cifar_dist.errors import ArgumentParser, ConfigError
 
 NAME = "scaling"
 MODES = ("weak", "strong")
@@ -40,7 +40,7 @@ QUICK_BATCH = 32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cifar-dist bench scaling", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="cifar-dist bench scaling", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--model", default="fast", help="registered model whose recipe is run (`cifar-dist model-summary` lists them)")
     add("--config", default=None, help="config file (default: the model's recipe)")

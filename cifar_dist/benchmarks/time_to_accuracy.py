@@ -35,7 +35,7 @@ from cifar_dist.data.splits import load_split
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.config import load_config
 from cifar_dist.engine.evaluation import score_split
-from cifar_dist.errors import ConfigError
+from cifar_dist.errors import ArgumentParser, ConfigError
 
 NAME = "time_to_accuracy"
 QUICK = ["train.global_batch_size=64", "train.epochs=2", "train.compile=false",
@@ -43,7 +43,7 @@ QUICK = ["train.global_batch_size=64", "train.epochs=2", "train.compile=false",
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cifar-dist bench time_to_accuracy", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="cifar-dist bench time_to_accuracy", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--config", default=None, help="config file (default: configs/fast.yaml)")
     add("--target", type=float, default=0.94, help="accuracy to reach on the eval split (0-1)")

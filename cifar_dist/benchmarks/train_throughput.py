@@ -30,7 +30,7 @@ from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_co
                                          model_settings, recipe_path, registered_models, run_folder, run_main,
                                          synchronize, time_epoch, write_report)
 from cifar_dist.engine.distributed import DistEnv
-from cifar_dist.errors import UserError
+from cifar_dist.errors import ArgumentParser, UserError
 
 NAME = "train_throughput"
 # Every toggle off; each row then turns one on.
@@ -44,7 +44,7 @@ FALLBACK_MIX_PROB = 0.3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cifar-dist bench train_throughput", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="cifar-dist bench train_throughput", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--models", default="attention_resnet,fast", help=f"comma-separated subset of {', '.join(registered_models())}")
     add("--toggles", default=None, help=f"comma-separated subset of {', '.join(TOGGLES)} (default: all; "

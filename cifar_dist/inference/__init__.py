@@ -8,3 +8,5 @@ evaluate.py, predict.py, ensemble.py, export.py: the commands of the same names
 Models and loaders come from `engine.build`, as in training; metrics and figures from
 `cifar_dist.metrics` and `cifar_dist.plots`, the run folder's shared files from `cifar_dist.run_files`.
 """
+
+EXPORT_FORMATS = ("onnx", "torchscript")  # here, without torch, for the command line's choices

@@ -66,7 +66,7 @@ def write_report(out_dir: Path, results: dict, probs: np.ndarray, labels: np.nda
     log(report.rstrip("\n"))
 
 
-def evaluate(checkpoint: Path, split: str = "val", tta_level=0, out_dir: Path | None = None,
+def evaluate_checkpoint(checkpoint: Path, split: str = "val", tta_level=0, out_dir: Path | None = None,
              weights: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, overrides: list[str] = (),
              log=print) -> dict | None:
     """Evaluate on every rank; rank 0 writes the report and returns the results (None elsewhere)."""

@@ -19,9 +19,10 @@ from torch import nn
 from cifar_dist.atomic import atomic_write
 from cifar_dist.augment import color
 from cifar_dist.errors import ConfigError
+from cifar_dist.inference import EXPORT_FORMATS
 from cifar_dist.inference.weights import load_model
 
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+SUFFIXES = dict(zip(EXPORT_FORMATS, (".onnx", ".torchscript.pt")))
 ONNX_OPSET = 17
 RELATIVE_TOLERANCE = 1e-4  # of the largest logit: float32 kernels differ in summation order, not more
 SECOND_BATCH = 7  # with --dynamic-batch, the export is also run on a batch of this many images

@@ -35,7 +35,7 @@ from pathlib import Path
 from cifar_dist import run_files
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import KEYS_HINT, load_config, parse_override
-from cifar_dist.errors import ConfigError, ExitCode
+from cifar_dist.errors import ArgumentParser, ConfigError, ExitCode
 
 def require_submitit():
     try:
@@ -162,7 +162,25 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 def point_name(point: list[str]) -> str:
-    return ",".join(o.split(".")[-1] for o in point) or "run"
+    """'lr=0.1,label_smoothing=0' for the overrides train.lr=0.1 train.label_smoothing=0: each key's last part
+    and its value, so that a run dir's name says which value of which key it ran."""
+    return ",".join(f"{key.split('.')[-1]}={value}" for key, value in (o.split("=", 1) for o in point)) or "run"
+
+
+def sbatch_script(executor, array_size: int) -> str:
+    """The sbatch script submitit will submit (with `#SBATCH --array` for a sweep of array_size points).
+
+    submitit renders it only inside its submission, so this calls its SlurmExecutor's own renderer: a
+    private method, hence the pinned submitit version in setup.cfg and the dry-run tests that read it."""
+    slurm = executor._executor
+    saved = dict(slurm.parameters)
+    if array_size > 1:
+        slurm.parameters["map_count"] = array_size  # what submitit sets for an array job
+    try:
+        return slurm._make_submission_file_text(slurm._submitit_command_str, "dry-run")
+    finally:
+        slurm.parameters.clear()
+        slurm.parameters.update(saved)
 
 def executor_for(args, folder: Path, tasks_per_node: int):
     submitit = require_submitit()
@@ -178,33 +196,50 @@ def executor_for(args, folder: Path, tasks_per_node: int):
     executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
     return executor
 
+def at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cifar-dist slurm", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="cifar-dist slurm", description=__doc__.split("\n\n")[0],
                                      epilog=KEYS_HINT)
     add = parser.add_argument
     add("--config", help="YAML config file")
     add("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
-    add("--nodes", type=int, default=1)
-    add("--gpus-per-node", type=int, default=0, help="0 on CPU partitions")
-    add("--tasks-per-node", type=int, default=0, help="default: one per GPU, or 1 without GPUs")
-    add("--cpus-per-task", type=int, default=None)
-    add("--mem-gb", type=float, default=None)
+    add("--nodes", type=at_least(1), default=1)
+    add("--gpus-per-node", type=at_least(0), default=0, help="0 on CPU partitions")
+    add("--tasks-per-node", type=at_least(0), default=0, help="default: one per GPU, or 1 without GPUs")
+    add("--cpus-per-task", type=at_least(1), default=None)
+    add("--mem-gb", type=at_least(1), default=None)
     add("--partition"), add("--account"), add("--qos"), add("--constraint"), add("--exclude")
-    add("--time-min", type=int, default=60, help="time limit of each job, minutes")
-    add("--signal-delay-s", type=int, default=120, help="SIGUSR2 this long before the time limit")
+    add("--time-min", type=at_least(1), default=60, help="time limit of each job, minutes")
+    add("--signal-delay-s", type=at_least(0), default=120,
+        help="SIGUSR2 this long before the time limit (less than --time-min)")
     add("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option (repeatable)")
     add("--cluster", choices=("slurm", "local", "debug"), default="slurm",
         help="local and debug run submitit's jobs on this machine, without Slurm")
-    add("--max-requeues", type=int, default=10, help="requeues after time-limit signals, per run")
+    add("--max-requeues", type=at_least(0), default=10, help="requeues after time-limit signals, per run")
     add("--root", default="runs/slurm", help="shared folder for run dirs and submitit logs")
     add("--name", default="cifar_dist", help="Slurm job name")
     add("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="sweep a key (repeatable): a job array")
-    add("--array-parallelism", type=int, default=16, help="array jobs running at once")
+    add("--array-parallelism", type=at_least(1), default=16, help="array jobs running at once")
     add("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     args = parser.parse_args(argv)
     bad = [item for item in args.sbatch if "=" not in item or item.startswith("=")]
     if bad:
         parser.error(f"--sbatch takes KEY=VALUE (e.g. --sbatch mail-type=END); got {', '.join(bad)}")
+    if args.signal_delay_s >= args.time_min * 60:
+        parser.error(f"--signal-delay-s {args.signal_delay_s} must be shorter than the time limit --time-min "
+                     f"{args.time_min} ({args.time_min * 60} s): the stop signal would come before the job starts")
     return args
 
 def submit(argv: list[str]) -> int:
@@ -223,15 +258,19 @@ def submit(argv: list[str]) -> int:
     config_path = str(Path(args.config).resolve()) if args.config else None
     callables = []
     for index, point in enumerate(points):
-        run_dir = batch / (f"{index:03d}-{point_name(point)}" if args.sweep else "run")
+        run_dir = batch / (f"{index:03d}_{point_name(point)}" if args.sweep else "run")
         wandb_name = [f"logging.wandb.name={args.name}-{point_name(point)}"] if args.sweep else []
         callables.append(SlurmTraining(config_path, [*args.overrides, *point, *wandb_name], str(run_dir),
                                        args.max_requeues))
     executor = executor_for(args, batch / "submitit", tasks_per_node)
-    script = executor._executor._make_submission_file_text("<python -m submitit.core._submit FOLDER>", "dry")
+    script = sbatch_script(executor, len(callables))
     try:
         if args.dry_run:
             print(script)
+            if args.sweep:
+                print(f"# {len(points)} sweep points, one array task each:")
+                for training, point in zip(callables, points):
+                    print(f"#   {Path(training.run_dir).name}: {' '.join(point)}")
             return 0
         if args.cluster == "slurm":
             refusal = sbatch_refusal(script)
