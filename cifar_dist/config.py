@@ -378,6 +378,19 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """cfg with its folder and file keys made absolute (data.root, data.beton_dir, run.dir, a train.resume
+    path), so that the config a run saves works from any working directory."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    resume = cfg.train.resume if cfg.train.resume in ("auto", "never") else absolute(cfg.train.resume)
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root), beton_dir=absolute(cfg.data.beton_dir)),
+        run=dataclasses.replace(cfg.run, dir=absolute(cfg.run.dir)),
+        train=dataclasses.replace(cfg.train, resume=resume))
+
+
 def config_to_dict(cfg: Config) -> dict:
     """The config as plain data (YAML, checkpoints, wandb); a model's own keys sit beside name and num_classes."""
     data = dataclasses.asdict(cfg)

@@ -7,6 +7,7 @@ commands that only read runs (`sweep-summary`, `compare`) stay light.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ PER_CLASS = "per_class.csv"
 CONFUSION = "confusion_matrix.csv"
 FINAL = "final.json"
 TRAIN_LOG = "train.log"  # rank 0's console output, appended across resumes
+STATUS = "status.json"  # running, finished, max_steps, stopped, diverged, failed, crashed (with the cause)
 SLURM = "slurm.json"  # `cifar-dist slurm`: the job's starts, requeues and status
 JOB_ID = "job_id"  # a launcher restart or Slurm requeue finds its run folder by it
 LOCK = "run.lock"  # held by the run's rank 0 while it trains
@@ -36,6 +38,20 @@ def find_runs(folders) -> list[Path]:
     subfolders (wandb's files/config.yaml) are not runs."""
     candidates = {file.parent for folder in map(Path, folders) for name in (CONFIG, FINAL) for file in folder.rglob(name)}
     return sorted(run for run in candidates if not any(parent in candidates for parent in run.parents))
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a process holds the run folder's lock now (False when there is no lock file)."""
+    try:
+        with open(Path(run_dir) / LOCK) as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
 
 
 def write_json(path: Path, data, fsync: bool = False) -> None:
@@ -62,3 +78,19 @@ def write_per_class(path: Path, class_names, scores: dict[str, dict]) -> None:
 def write_confusion(path: Path, class_names, confusion) -> None:
     write_csv(path, ["actual/predicted", *class_names],
               [[name, *(int(count) for count in counts)] for name, counts in zip(class_names, confusion)])
+
+
+def run_status(run_dir: Path) -> tuple[str, str]:
+    """(status, cause) of a run folder: finished, max_steps, stopped, diverged, failed, crashed, running, or
+    Slurm's requeued / cancelled. A status.json that says running while nobody holds the folder's lock
+    means the process died without a word (SIGKILL, a lost node): crashed."""
+    status = read_json(run_dir / STATUS) if (run_dir / STATUS).is_file() else {}
+    slurm = read_json(run_dir / SLURM) if (run_dir / SLURM).is_file() else {}
+    word, cause = status.get("status"), status.get("cause") or ""
+    if slurm.get("status") in ("requeued", "cancelled") and word in (None, "running", "stopped"):
+        return slurm["status"], slurm.get("cause") or ""
+    if word is None:
+        return slurm.get("status", "running"), slurm.get("cause") or ""
+    if word == "running" and not is_locked(run_dir):
+        return "crashed", "status.json says running, but no process holds the run folder (killed?)"
+    return word, cause

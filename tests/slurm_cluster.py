@@ -1,8 +1,9 @@
 """A real one-node Slurm for the tests: munged, slurmctld and slurmd started in a temporary folder.
 
 `SlurmCluster(folder).start()` writes a key and a slurm.conf for this host (free ports, its own
-state and spool folders), starts the three daemons in the foreground as children of this process,
-and waits until `sinfo` shows the node idle. `stop()` cancels every job, waits for them to end and
+state and spool folders; jobs of the URGENT partition preempt those of the default one, which
+requeues them after PREEMPT_GRACE_S), starts the three daemons in the foreground as children of
+this process, and waits until `sinfo` shows the node idle. `stop()` cancels every job, waits for them to end and
 stops exactly those three daemons, by PID. `env` is os.environ plus SLURM_CONF for commands.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ START_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 60.0
 REQUEUE_DELAY = timedelta(seconds=5)  # see release_requeued
 NODE_CPUS = 8  # more than the machine has (config_overrides): small test jobs may run side by side
+URGENT = "urgent"  # a partition whose jobs preempt (requeue) those of the default one, as on shared clusters
+PREEMPT_GRACE_S = 30  # SIGTERM, then this long before Slurm requeues a preempted job
 
 
 def unavailable_reason() -> str | None:
@@ -62,8 +65,11 @@ class SlurmCluster:
             "SlurmdParameters=config_overrides", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "JobRequeue=1", "MpiDefault=none", "KillWait=30",
             "MinJobAge=2",
+            "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE",
             f"NodeName={host} CPUs={NODE_CPUS} RealMemory=16000 State=UNKNOWN",
-            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
+            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 "
+            f"PreemptMode=REQUEUE GraceTime={PREEMPT_GRACE_S}",
+            f"PartitionName={URGENT} Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF", ""]))
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log = open(self.folder / f"{name}.out", "w")

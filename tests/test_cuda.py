@@ -55,6 +55,7 @@ def test_compiled_model_trains_and_matches_eager_on_cuda(data_root, tmp_path):
     cfg = tiny_config(data_root, tmp_path, "train.compile=true", "train.epochs=1", "train.deterministic=false")
     trainer = Trainer(cfg, DistEnv(device=torch.device("cuda", 0)), log=lambda *a, **k: None)
     assert trainer.fit() is Outcome.FINISHED
+    trainer.close()
     run = trainer.run
     assert run.plan.compile == "default" and run.net is not run.model
     assert math.isfinite(trainer.progress.history[0]["train_loss"])

@@ -50,7 +50,8 @@ def test_ctrl_c_saves_exits_130_and_the_printed_command_resumes(data_root, tmp_p
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "NPROC": str(nproc), "OMP_NUM_THREADS": "1"})
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert f"resumed from {run_dir} at epoch 0, step {saved['step']}" in again.stdout
+    # one numbering: the resume names the epoch as the epoch lines do (epoch 1 is the first)
+    assert f"resumed from {run_dir}: in epoch 1, after step {saved['step']} of 42" in again.stdout
     assert states(run_dir)["epoch"] == 3
 
 

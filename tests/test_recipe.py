@@ -38,6 +38,7 @@ def trained(real_data_root, tmp_path_factory):
     trainer.run.model.register_forward_pre_hook(
         lambda module, _: seen.append(module.whiten.bias.detach().clone()) if module.training else None)
     assert trainer.fit() == Outcome.MAX_STEPS
+    trainer.close()  # the run and its model stay for the tests; the run folder is let go
     return trainer, seen
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from cifar_dist.engine import checkpoint
+from cifar_dist.launch import slurm
 from conftest import REPO, assert_bitwise_equal, free_port, leftover_processes, states, tiny_args, train
+from slurm_cluster import NODE_CPUS, URGENT
 
 pytestmark = pytest.mark.slurm
 JOB_TIMEOUT_S = 240
@@ -114,7 +116,7 @@ def test_a_stopped_job_is_requeued_once_and_ends_bitwise_equal(slurm_cluster, da
     state, log = slurm_state(run_dir), rank0_log(run_dir, job_id)
     assert state["starts"] == 2, log[-3000:]
     assert state["requeues"] == (1 if how == "usr2" else 0)  # after scontrol requeue Slurm requeues by itself
-    assert ("requeueing job" if how == "usr2" else "Slurm is ending the job itself") in log
+    assert ("requeueing job" if how == "usr2" else "Slurm requeues the job itself") in log
     assert "state saved in" in log and "resumed from" in log  # a stop at an epoch end saves the epoch's checkpoint
     assert_bitwise_equal(states(run_dir), states(uninterrupted))
 
@@ -131,6 +133,118 @@ def test_max_requeues_bounds_the_requeues_and_says_why(slurm_cluster, data_root,
     assert "not requeued: --max-requeues 1 reached" in state["log"][-1]
     assert "not requeued: --max-requeues 1 reached" in rank0_log(run_dir, job_id)
     assert checkpoint.load(run_dir / "last.pt")["progress"]["epoch"] < 40
+
+
+def sweep_summary_statuses(root: Path) -> list[str]:
+    result = subprocess.run([sys.executable, "-m", "cifar_dist", "sweep-summary", str(root)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    import pandas as pd
+
+    return list(pd.read_csv(root / "sweep_summary.csv")["status"])
+
+
+def test_a_crash_in_mid_epoch_is_recorded_as_failed_and_not_requeued(slurm_cluster, data_root, tmp_path):
+    root = tmp_path / "root"
+    crash = ["model.name=crash_after", "model.crash_after=20", "run.imports=[tiny_models]", "train.epochs=3"]
+    [(job_id, run_dir)] = submit(slurm_cluster, root, *slurm_args(data_root, *crash))
+    wait_gone(slurm_cluster, job_id)  # a requeued job would wait in the queue
+    state, log = slurm_state(run_dir), rank0_log(run_dir, job_id)
+    assert (state["status"], state["exit_code"], state["starts"], state["requeues"]) == ("failed", 1, 1, 0), \
+        log[-3000:]
+    assert re.fullmatch(r"RuntimeError: crash_after: training forward \d+ fails on purpose", state["cause"]), state
+    assert "epoch 2 step 1/" in log and "epoch 3 step" not in log  # 14 steps an epoch: it crashed in epoch 2
+    assert sweep_summary_statuses(root) == ["failed"]
+
+
+def test_scancel_is_recorded_as_cancelled_and_not_requeued(slurm_cluster, data_root, tmp_path):
+    [(job_id, run_dir)] = submit(slurm_cluster, tmp_path / "root", *slurm_args(data_root, "train.epochs=40"))
+    signal_in_epoch_2(slurm_cluster, job_id, run_dir, ["scancel"])
+    wait_gone(slurm_cluster, job_id)
+    state = slurm_state(run_dir)
+    assert (state["status"], state["starts"], state["requeues"]) == ("cancelled", 1, 0), rank0_log(run_dir, job_id)
+    assert state["cause"].startswith("cancelled (JobState=") and "state saved in" in rank0_log(run_dir, job_id)
+
+
+def test_a_preemption_is_requeued_but_not_counted_toward_max_requeues(slurm_cluster, data_root, tmp_path):
+    """A job of the urgent partition preempts ours (PreemptMode=REQUEUE, GraceTime): with --max-requeues 0
+    it is requeued all the same; the time-limit warning of its next run is counted and stops it."""
+    [(job_id, run_dir)] = submit(slurm_cluster, tmp_path / "root", "--max-requeues", "0",
+                                 *slurm_args(data_root, "train.epochs=40"))
+    wait_until(slurm_cluster, lambda: "epoch 2 step 1/" in rank0_log(run_dir, job_id), "epoch 2")
+    slurm_cluster.run("sbatch", f"--partition={URGENT}", f"--cpus-per-task={NODE_CPUS}", "--output=/dev/null",
+                      "--wrap=sleep 1", check=True)
+    wait_until(slurm_cluster, lambda: "resumed from" in rank0_log(run_dir, job_id), "the preempted job to resume")
+    signal_in_epoch_2(slurm_cluster, job_id, run_dir, ["scancel", "--signal=USR2"], after="epoch 4 step 1/")
+    wait_gone(slurm_cluster, job_id)
+    state = slurm_state(run_dir)
+    assert (state["starts"], state["preemptions"], state["requeues"], state["status"]) == (2, 1, 0, "stopped"), state
+    assert state["cause"] == "--max-requeues 0 reached"
+    assert any("preempted (PreemptTime=" in line and "not counted" in line for line in state["log"])
+
+
+# `scontrol show job -o` lines of Slurm 22.05.8 (the test cluster's), fields the decision does not read left out.
+PREEMPTED = ("JobId=1 JobState=RUNNING Reason=None Restarts=0 ExitCode=0:0 StartTime=2026-12-03T08:21:49 "
+             "EndTime=Unknown PreemptTime=2026-12-03T08:21:52")
+WARNED = ("JobId=1 JobState=RUNNING Reason=None Restarts=0 ExitCode=0:0 StartTime=2026-12-03T08:22:42 "
+          "EndTime=Unknown PreemptTime=None")
+CANCELLED = ("JobId=1 JobState=COMPLETING Reason=None Restarts=0 ExitCode=0:15 StartTime=2026-12-03T08:22:42 "
+             "EndTime=2026-12-03T08:22:44 PreemptTime=None")
+REQUEUED = ("JobId=1 JobState=COMPLETING Reason=None Restarts=1 ExitCode=0:0 StartTime=2026-12-03T08:23:00 "
+            "EndTime=Unknown")
+TIMED_OUT = ("JobId=1 JobState=COMPLETING Reason=TimeLimit Restarts=0 ExitCode=0:0 StartTime=2026-12-03T08:25:23 "
+             "EndTime=2026-12-03T08:26:50 PreemptTime=None")
+# Made up: a requeued run (Restarts=1, a later StartTime) still showing its first run's PreemptTime.
+WARNED_AFTER_PREEMPTION = ("JobId=1 JobState=RUNNING Reason=None Restarts=1 ExitCode=0:0 "
+                           "StartTime=2026-12-03T08:22:30 EndTime=Unknown PreemptTime=2026-12-03T08:21:52")
+
+
+@pytest.mark.parametrize("line, restarts_at_start, reason", [
+    (PREEMPTED, 0, "preempted"), (WARNED, 0, "warned"), (WARNED_AFTER_PREEMPTION, 1, "warned"),
+    (CANCELLED, 0, "cancelled"), (REQUEUED, 0, "requeued"), (REQUEUED, 1, "cancelled"), (TIMED_OUT, 0, "ending"),
+    ("JobId=1 JobState=CANCELLED Reason=None Restarts=0", 0, "cancelled"),
+])
+def test_stop_reason_reads_scontrol_lines(line, restarts_at_start, reason):
+    assert slurm.stop_reason(slurm.job_fields(line), restarts_at_start) == reason
+
+
+def fake_scontrol(folder: Path, failures: int, requeue_works: bool) -> Path:
+    """A folder for PATH with an `scontrol` that fails its first `failures` calls as a busy controller does,
+    then shows a RUNNING job (WARNED) and succeeds or fails at `requeue`; it appends each call to calls.log."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    requeue = "exit 0" if requeue_works else \
+        'echo "slurm_requeue error: Unable to contact slurm controller (connect failure)" >&2; exit 1'
+    (bin_dir / "scontrol").write_text(f"""#!/bin/bash
+echo "$*" >> {folder}/calls.log
+if [ "$(wc -l < {folder}/calls.log)" -le {failures} ]; then
+  echo "slurm_load_jobs error: Socket timed out on send/recv operation" >&2; exit 1
+fi
+case "$1" in show) echo '{WARNED}' ;; requeue) {requeue} ;; esac
+""")
+    (bin_dir / "scontrol").chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("failures, requeue_works, status, requeues, cause, calls", [
+    (2, True, "requeued", 1, None, ["show job -o 7"] * 3 + ["requeue 7"]),
+    (0, False, "stopped", 0, "requeue failed: `scontrol requeue 7` failed 3 times; last: slurm_requeue error: "
+     "Unable to contact slurm controller (connect failure)", ["show job -o 7"] + ["requeue 7"] * 3),
+    (3, True, "stopped", 0, "cannot read the job's state: `scontrol show job -o 7` failed 3 times; last: "
+     "slurm_load_jobs error: Socket timed out on send/recv operation", ["show job -o 7"] * 3),
+])
+def test_scontrol_is_tried_again_and_a_failed_requeue_is_a_recorded_stop(tmp_path, monkeypatch, failures,
+                                                                          requeue_works, status, requeues, cause,
+                                                                          calls):
+    monkeypatch.setenv("PATH", f"{fake_scontrol(tmp_path, failures, requeue_works)}:{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setattr(slurm, "SCONTROL_RETRY_WAIT_S", 0.0)
+    run_dir = tmp_path / "run"
+    training = slurm.SlurmTraining(None, [], str(run_dir), max_requeues=3)
+    training._after(75, "7", slurm.RequeueLedger(run_dir, max_requeues=3), tmp_path / "7_0_log.err")
+    state = slurm_state(run_dir)
+    assert (state["status"], state["requeues"], state["cause"], state["exit_code"]) == (status, requeues, cause, 75)
+    assert (tmp_path / "calls.log").read_text().splitlines() == calls
 
 
 def test_a_sweep_is_one_job_array_and_the_summary_lists_both_points(slurm_cluster, data_root, tmp_path):

@@ -2,9 +2,9 @@
 
 A run is a folder with the config.yaml the trainer writes. Its row: the keys whose values differ
 between the runs (the swept ones), best and final val accuracy of the model and its EMA, epochs,
-images/s, the accuracies of final.json (`end_model_acc`, `end_ema_tta2_acc`, ...) and a status
-(finished: final.json written; failed: exit 2, 3 or a crash recorded in slurm.json; stopped or
-requeued: as slurm.json says; else running).
+images/s, the accuracies of final.json (`end_model_acc`, `end_ema_tta2_acc`, ...), and the status
+and its cause (`run_files.run_status`: finished, max_steps, stopped, diverged, failed, crashed, running;
+requeued or cancelled from Slurm's slurm.json).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cifar_dist.errors import ArgumentParser, ConfigError
 from cifar_dist.tables import markdown_table
 
 SUMMARY_NAME = "sweep_summary"
-METRIC_COLUMNS = ["status", "epochs", "best_val_acc", "final_val_acc", "best_ema_val_acc", "final_ema_val_acc",
+METRIC_COLUMNS = ["status", "cause", "epochs", "best_val_acc", "final_val_acc", "best_ema_val_acc", "final_ema_val_acc",
                   "images_per_s"]
 
 
@@ -32,21 +32,13 @@ def flatten(mapping: dict, prefix: str = "") -> dict:
     return flat
 
 
-def run_status(run_dir: Path) -> str:
-    if (run_dir / run_files.FINAL).is_file():
-        return "finished"
-    slurm = run_dir / run_files.SLURM
-    if slurm.is_file():
-        return run_files.read_json(slurm).get("status", "running")
-    return "running"
-
-
 def run_row(run_dir: Path) -> tuple[dict, dict]:
     """(flattened config, metrics) of one run."""
     import pandas as pd
 
     config = flatten(yaml.safe_load((run_dir / run_files.CONFIG).read_text()) or {})
-    row = {"run": str(run_dir), "status": run_status(run_dir), "epochs": 0}
+    status, cause = run_files.run_status(run_dir)
+    row = {"run": str(run_dir), "status": status, "cause": cause, "epochs": 0}
     summary = run_dir / run_files.SUMMARY
     if summary.is_file():
         history = pd.read_csv(summary)
@@ -81,13 +73,16 @@ def collect(root: Path):
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="cifar-dist sweep-summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder holding the runs (e.g. a sweep's folder under runs/slurm)")
-    parser.add_argument("--sort-by", default="best_val_acc", help="column to sort by, descending")
+    parser.add_argument("--sort-by", help="column to sort by, descending (default: best_val_acc once an epoch "
+                                          "has finished)")
     parser.add_argument("--out", type=Path, help="folder for sweep_summary.csv/.md (default: root)")
     args = parser.parse_args(argv)
     table = collect(args.root)
-    if args.sort_by not in table:
+    if args.sort_by and args.sort_by not in table:
         raise ConfigError(f"--sort-by {args.sort_by!r} is not a column; columns: {', '.join(table.columns)}")
-    table = table.sort_values(args.sort_by, ascending=False, kind="stable")
+    sort_by = args.sort_by or ("best_val_acc" if "best_val_acc" in table else None)
+    if sort_by:
+        table = table.sort_values(sort_by, ascending=False, kind="stable")
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / f"{SUMMARY_NAME}.csv", lambda tmp: table.to_csv(tmp, index=False))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 MIX_KINDS = ("none", "mixup", "cutmix")
 NONE, MIXUP, CUTMIX = range(3)

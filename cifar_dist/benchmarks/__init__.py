@@ -1,6 +1,6 @@
 """Benchmarks of the input path, the training step, the framework overhead, scaling and time to accuracy.
 
-Each module has `cli(argv)`; `cifar-dist bench <name> ...` runs it (`python -m cifar_dist bench <name>` from a checkout).
+Each module has `main(argv)`; `cifar-dist bench <name> ...` runs it (`python -m cifar_dist bench <name>` from a checkout).
 Results, the GPU check script and the data packer live in the top-level `benchmarks/` folder.
 """
 import importlib
@@ -11,7 +11,9 @@ BENCHMARKS = ("loader_throughput", "train_throughput", "overhead", "scaling", "t
 
 
 def run_benchmark(name: str, argv: list[str]) -> int:
-    """`cifar-dist bench NAME ...`: the benchmark module's `cli(argv)`."""
+    """`cifar-dist bench NAME ...`: the benchmark module's `main(argv)`, user errors as one line and exit 2."""
+    from cifar_dist.benchmarks.common import run_main
+
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; benchmarks: {', '.join(BENCHMARKS)}")
-    return importlib.import_module(f"cifar_dist.benchmarks.{name}").cli(argv)
+    return run_main(importlib.import_module(f"cifar_dist.benchmarks.{name}").main, argv)

@@ -87,6 +87,14 @@ def hardware(device: torch.device) -> dict:
             "torch": torch.__version__, "device": str(device)}
 
 
+def single_process(args) -> tuple[object, dict]:
+    """(DistEnv of one process on --device, the hardware in words) for a benchmark that runs in this process."""
+    from cifar_dist.engine.distributed import DistEnv
+
+    env = DistEnv(device=torch.device(args.device))
+    return env, hardware(env.device)
+
+
 def hardware_line(info: dict) -> str:
     return (f"{info['cpu_model']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads), "
             f"GPU: {info['gpu']}, torch {info['torch']}, device {info['device']}")

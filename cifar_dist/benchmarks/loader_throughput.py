@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 
 import pandas as pd
 import torch
 
 from cifar_dist.augment.pipeline import make_generator
-from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                         csv_list, hardware, run_main, synchronize, write_report)
+from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments, csv_list,
+                                          hardware, synchronize, write_report)
 from cifar_dist.config import AugmentConfig, Config
 from cifar_dist.data.beton import prepare
 from cifar_dist.engine.build import build_train_input
@@ -189,11 +188,3 @@ def main(argv=None) -> int:
                                                "vs_torchvision"])
     write_report(report, args, argv, quick_size=f"{args.images} images per cell")
     return 0
-
-
-def cli(argv=None) -> int:
-    return run_main(main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

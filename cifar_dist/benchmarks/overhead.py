@@ -16,7 +16,6 @@ each; the ratio Trainer / bare is reported as its median and spread over the rep
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from statistics import median
 
@@ -24,10 +23,10 @@ import pandas as pd
 import torch
 
 from cifar_dist.augment.pipeline import make_generator
-from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                         csv_list, free_device_memory, hardware, quiet_trainer,
-                                         model_settings, recipe_path, registered_models, run_folder, run_main,
-                                         synchronize, time_epoch, write_report)
+from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments, csv_list,
+                                          free_device_memory, model_settings, quiet_trainer, recipe_path,
+                                          registered_models, run_folder, single_process, synchronize, time_epoch,
+                                          write_report)
 from cifar_dist.engine.build import Run, build_run
 from cifar_dist.engine.loss import soft_target_cross_entropy
 from cifar_dist.engine.distributed import DistEnv
@@ -144,8 +143,7 @@ def plot(frame: pd.DataFrame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = DistEnv(device=torch.device(args.device))
-    info = hardware(env.device)
+    env, info = single_process(args)
     rows = []
     for model in args.models:
         print(f"[run] {model}: Trainer and bare loop, interleaved", flush=True)
@@ -165,11 +163,3 @@ def main(argv=None) -> int:
                              "trainer_images_per_s", "bare_images_per_s"])
     write_report(report, args, argv, quick_size="tiny models and 3 steps")
     return 0
-
-
-def cli(argv=None) -> int:
-    return run_main(main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

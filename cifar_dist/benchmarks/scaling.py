@@ -28,9 +28,8 @@ import pandas as pd
 import torch
 
 import cifar_dist
-from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                         csv_list, hardware, measure_epochs, model_settings, recipe_path, run_main,
-                                         write_report)
+from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments, csv_list,
+                                          hardware, measure_epochs, model_settings, recipe_path, run_main, write_report)
 from cifar_dist.errors import ArgumentParser, ConfigError
 
 NAME = "scaling"
@@ -226,9 +225,5 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def cli(argv=None) -> int:
-    return run_main(main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
+if __name__ == "__main__":  # the workers that torchrun starts (see launch)
+    sys.exit(run_main(main, None))

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config,
-                                     check_common_arguments, free_device_memory, hardware,
-                                     model_settings, quiet_trainer, recipe_path, run_folder, run_main, synchronize, write_report)
+from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
+                                          free_device_memory, model_settings, quiet_trainer, recipe_path, run_folder,
+                                          single_process, synchronize, write_report)
 from cifar_dist.data.splits import load_split
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.config import load_config
@@ -135,8 +133,7 @@ def plot(points: pd.DataFrame, target: float, split: str, tta: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = DistEnv(device=torch.device(args.device))
-    info = hardware(env.device)
+    env, info = single_process(args)
     base = bench_config(args.config, args.data_root, args.overrides)
     warmup_runs = args.warmup_runs
     summaries, points = [], []
@@ -177,11 +174,3 @@ def main(argv=None) -> int:
     report.extra_csv["runs"] = frame
     write_report(report, args, argv, quick_size="a tiny net on a subset")
     return 0
-
-
-def cli(argv=None) -> int:
-    return run_main(main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

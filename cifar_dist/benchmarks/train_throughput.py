@@ -16,7 +16,6 @@ once (each with its copy of the data set on the device: about 150 MB for CIFAR-1
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,10 +24,10 @@ from statistics import median
 import pandas as pd
 import torch
 
-from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments,
-                                         csv_list, free_device_memory, hardware, quiet_trainer,
-                                         model_settings, recipe_path, registered_models, run_folder, run_main,
-                                         synchronize, time_epoch, write_report)
+from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_config, check_common_arguments, csv_list,
+                                          free_device_memory, model_settings, quiet_trainer, recipe_path,
+                                          registered_models, run_folder, single_process, synchronize, time_epoch,
+                                          write_report)
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.errors import ArgumentParser, UserError
 
@@ -211,8 +210,7 @@ def plot(frame: pd.DataFrame, models: list[str]):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = DistEnv(device=torch.device(args.device))
-    info = hardware(env.device)
+    env, info = single_process(args)
     for model in args.models:  # a bad override or a missing recipe is the user's to fix, before anything runs
         bench_config(args.config or recipe_path(model), args.data_root, ["data.loader=gpu", f"model.name={model}",
                                                                          *args.overrides])
@@ -245,11 +243,3 @@ def main(argv=None) -> int:
                     columns=["model", "toggle", "images_per_s", "vs_baseline", "step_ms", "peak_memory_mb", "note"])
     write_report(report, args, argv, quick_size="tiny models and 2 steps")
     return 1 if failed else 0
-
-
-def cli(argv=None) -> int:
-    return run_main(main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -1,6 +1,8 @@
 """Readers for CIFAR-10 in its common forms, with validation and an optional download.
 
-All readers return `CifarArrays`: NHWC uint8 images and int64 labels for train and test.
+All readers return `CifarArrays`: NHWC uint8 images and int64 labels for train and test. Pickles
+are read by an unpickler that builds dicts, lists and numpy arrays and refuses any other call, so a
+file from elsewhere runs no code; .npz files are read without pickles.
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+try:
+    from numpy._core import multiarray, numeric
+except ImportError:  # numpy < 2
+    from numpy.core import multiarray, numeric
 
 from cifar_dist.cifar10 import NUM_CLASSES
 from cifar_dist.errors import DataError
@@ -61,9 +68,54 @@ def _get(batch: dict, key: str):
     raise KeyError(key)
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle naming a call it may not make; the message is the call."""
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """How protocol 2 pickles bytes (`_codecs.encode(text, 'latin1')`), for that codec alone."""
+    if encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"_codecs.encode(..., {encoding!r})")
+    return text.encode("latin1")
+
+
+def _empty_bytes() -> bytes:
+    """How protocol 2 pickles b'' (`bytes()`), without bytes(n)'s allocation."""
+    return b""
+
+
+# What a CIFAR-10 pickle may name: numpy rebuilding its arrays, dtypes and scalars (under numpy 1's and
+# 2's module names, as Python 2, numpy 1.x and numpy 2 wrote them with protocols 0 to 5) and bytes as
+# protocol 2 writes them. Rebuilding these fills arrays from bytes; none runs other code.
+PICKLE_GLOBALS = {
+    **{(module, name): getattr(multiarray, name)
+       for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")},
+    **{(module, "_frombuffer"): numeric._frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("__builtin__", "bytes"): _empty_bytes,  # b"" in protocols 0 to 2 (Python 2 spelling)
+    ("builtins", "bytes"): _empty_bytes,
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays; any other global is _Refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in PICKLE_GLOBALS:
+            return PICKLE_GLOBALS[module, name]
+        raise _Refused(f"{module}.{name}")
+
+
 def load_pickle_bytes(raw: bytes, source: str) -> dict:
+    """A pickled dict of arrays, read without running code (`_ArraysOnlyUnpickler`); DataError if not."""
     try:
-        batch = pickle.load(io.BytesIO(raw), encoding="latin1")
+        batch = _ArraysOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except _Refused as err:
+        raise DataError(f"{source}: holds a `{err}` call, which loading would run: refused; a CIFAR-10 pickle holds "
+                        "only dicts, lists, strings, numbers and numpy arrays: replace the file with the official "
+                        "data (or write yours with those alone)") from None
     except Exception as err:  # truncated or not a pickle at all
         raise DataError(f"{source}: cannot be read as a CIFAR-10 pickle ({type(err).__name__}: {err}); "
                         "the file is truncated or corrupted: replace it with a fresh copy") from None
@@ -128,7 +180,7 @@ def read_archive(path: Path) -> CifarArrays:
 def read_npz(path: Path) -> CifarArrays:
     """An .npz with x_train, y_train, x_test, y_test (images NHWC uint8)."""
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz.files]
             if missing:
                 raise DataError(f"{path}: missing arrays {', '.join(missing)}; found {', '.join(npz.files)}")

@@ -58,6 +58,8 @@ class RunPlan:
     ema: str
     model: str
     parameters: int
+    stop_step: int = 0  # the step this launch stops at: total_steps, or train.max_steps when that comes first
+    run_dir: str = ""
 
     def lines(self) -> list[str]:
         """Aligned 'key  value' lines for the terminal."""
@@ -233,6 +235,7 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
         sync_bn=sync_bn, channels_last=tc.channels_last, compile=tc.compile_mode if tc.compile else "off",
         ema=(f"decay {tc.ema_decay} every {tc.ema_every} ramp {tc.ema_ramp}"
              f"{' lookahead' if tc.ema_lookahead else ''}" if ema.enabled else "off"),
-        model=cfg.model.name, parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+        model=cfg.model.name, parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        stop_step=min(total_steps, tc.max_steps) if tc.max_steps else total_steps)
     return Run(plan, train_loader, eval_loader, augment, eval_transform, model, net, ema, optimizer, scheduler,
                scaler, autocast_context(device, amp_dtype), loss_scale)

@@ -1,28 +1,46 @@
 """Checkpoints: their format, what a run saves and restores, and writes that survive anything.
 
 A checkpoint holds the model and EMA with bare keys (they load into `build_model(cfg)`), the
-optimizer, schedule and scaler, the loop's `Progress`, per-rank BN buffers, RNG states, the config
-and the package version. Files are written whole or not at all (`atomic_write`); `last.pt` keeps
-its predecessor as `last.prev.pt` until the new one is on disk.
+optimizer, schedule and scaler, the loop's `Progress`, per-rank BN buffers, the config and the
+package version: tensors and plain data only, so that `read` loads it with torch's weights-only
+unpickler and a file from elsewhere runs no code. No RNG state: every random draw of training is
+derived from (seed, rank, epoch, step). Files are written whole or not at all (`atomic_write`);
+`last.pt` keeps its predecessor as `last.prev.pt` until the new one is on disk.
 """
 from __future__ import annotations
 
-import random
-from dataclasses import asdict, dataclass, field
+import pickle
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
 import cifar_dist
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import Config, config_to_dict
 from cifar_dist.engine.distributed import DistEnv, average_tensors_, gather_objects
-from cifar_dist.errors import CheckpointError
+from cifar_dist.errors import CheckpointError, one_line
 from cifar_dist.run_files import LAST, PREVIOUS
 from cifar_dist.models import model_identity
 
 FORMAT_VERSION = 2
+# Earlier checkpoints of this format also kept the RNG states, numpy's as a uint32 array (now ignored).
+# Rebuilding that array takes these globals and runs nothing else (an empty array of the dtype, filled
+# from bytes); `read` allows them by name, under numpy 1's and numpy 2's spelling of the module.
+LEGACY_RNG_GLOBALS = [(_reconstruct, "numpy.core.multiarray._reconstruct"),
+                      (_reconstruct, "numpy._core.multiarray._reconstruct"),
+                      np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
+WEIGHTS_ONLY_HINT = ("only tensors and plain data (numbers, strings, lists, dicts) load, so that a file from "
+                     "elsewhere cannot run code here: use a checkpoint written by cifar-dist, or have its author save "
+                     "the weights as a state dict of tensors (torch.save(model.state_dict(), path))")
 
 
 @dataclass
@@ -39,6 +57,10 @@ class Progress:
     wandb_run_id: str | None = None
 
 
+class RefusedCheckpoint(CheckpointError):
+    """A file that would run code when loaded: never a torn write, so resume does not fall back past it."""
+
+
 def save(state: dict, path: Path, keep_previous: bool = False) -> None:
     """Write state to path so that a kill at any moment leaves a whole file behind."""
     previous = path.with_name(PREVIOUS) if keep_previous else None
@@ -46,23 +68,108 @@ def save(state: dict, path: Path, keep_previous: bool = False) -> None:
 
 
 def read(path: Path, map_location="cpu"):
-    """Whatever a `torch.save` file holds (a checkpoint, a bare state dict), or CheckpointError saying why not."""
+    """Whatever a `torch.save` file holds (a checkpoint, a bare state dict), loaded weights-only: tensors and
+    plain data, no code run. CheckpointError saying why not; RefusedCheckpoint naming what would have run."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # truncated zip, unpickling error, ...
+        with torch.serialization.safe_globals(LEGACY_RNG_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's weights-only unpickler refused a global
+        refused = REFUSED_GLOBAL.search(str(err))
+        if refused:
+            raise RefusedCheckpoint(f"checkpoint {path} holds a `{refused.group(1) or refused.group(2)}` call, which "
+                                    f"loading would run: refused; {WEIGHTS_ONLY_HINT}") from None
+        detail = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(err), re.S)
         raise CheckpointError(f"checkpoint {path} is corrupt or not a cifar_dist checkpoint "
-                              f"({type(err).__name__}: {' '.join(str(err).split())})") from None
+                              f"({one_line(detail.group(1) if detail else err)})") from None
+    except Exception as err:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a cifar_dist checkpoint "
+                              f"({type(err).__name__}: {one_line(err)})") from None
+
+
+def _tensor_dict(value, entry: str) -> str | None:
+    """Why value is not a dict of tensors (None when it is)."""
+    if not isinstance(value, dict):
+        return f"'{entry}' is {type(value).__name__}, expected a dict of tensors"
+    wrong = next((key for key, tensor in value.items() if not torch.is_tensor(tensor)), None)
+    return None if wrong is None else \
+        f"'{entry}.{wrong}' is {type(value[wrong]).__name__}, expected a tensor"
+
+
+def _tensor_list(value, entry: str) -> str | None:
+    if not isinstance(value, list) or not all(torch.is_tensor(t) for t in value):
+        return f"'{entry}' is not a list of tensors"
+    return None
+
+
+def _weights_problem(state: dict) -> str | None:
+    """The first entry inference relies on that is missing or mistyped, described (None when all fit)."""
+    config = state.get("config")
+    if not isinstance(config, dict):
+        return "no 'config' dict" if config is None else f"'config' is {type(config).__name__}, expected a dict"
+    for section in ("model", "train"):
+        if not isinstance(config.get(section), dict):
+            return f"'config.{section}' is {type(config.get(section)).__name__}, expected a dict"
+    if "model" not in state:
+        return "no 'model' entry (the weights)"
+    problem = _tensor_dict(state["model"], "model")
+    if problem or state.get("ema") is None:
+        return problem
+    ema = state["ema"]
+    if not isinstance(ema, dict) or "module" not in ema:
+        return f"'ema' is {type(ema).__name__} without a 'module' dict, expected None or {{'module': tensors}}"
+    return _tensor_dict(ema["module"], "ema.module")
+
+
+def _resume_problem(state: dict) -> str | None:
+    """The first entry a resume relies on, beyond the weights, that is missing or mistyped."""
+    for entry, kind in (("optimizer", dict), ("scheduler", dict), ("scaler", dict), ("progress", dict),
+                        ("world_size", int), ("rank_local", list)):
+        if entry not in state:
+            return f"no '{entry}' entry"
+        if not isinstance(state[entry], kind) or isinstance(state[entry], bool):
+            return f"'{entry}' is {type(state[entry]).__name__}, expected {kind.__name__}"
+    unknown = sorted(set(state["progress"]) - {f.name for f in fields(Progress)})
+    if unknown:
+        return f"'progress' holds unknown entries {', '.join(map(repr, unknown))}"
+    world_size, rank_local = state["world_size"], state["rank_local"]
+    if world_size < 1 or len(rank_local) != world_size:
+        return f"'rank_local' holds {len(rank_local)} entries for world_size {world_size}"
+    for rank, mine in enumerate(rank_local):
+        if not isinstance(mine, dict):
+            return f"'rank_local[{rank}]' is {type(mine).__name__}, expected a dict"
+        problem = _tensor_list(mine.get("model"), f"rank_local[{rank}].model") or \
+            _tensor_list(mine.get("ema"), f"rank_local[{rank}].ema")
+        if problem:
+            return problem
+    return None
+
+
+def check(state, path: Path, for_resume: bool = True) -> dict:
+    """state, once its format and the entries the code relies on are checked (for a resume: all of them; for
+    inference: config and weights); CheckpointError naming the first that is missing or mistyped."""
+    if not isinstance(state, dict) or "format_version" not in state:
+        found = "a state dict of tensors" if isinstance(state, dict) and state and \
+            all(torch.is_tensor(v) for v in state.values()) else type(state).__name__
+        raise CheckpointError(f"{path} is not a cifar_dist checkpoint (found {found}, without 'format_version'); "
+                              "pass a run's last.pt, last.prev.pt, best.pt or best_ema.pt")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {state['format_version']!r}; this version "
+                              f"({cifar_dist.__version__}) reads format {FORMAT_VERSION}: use the cifar_dist version "
+                              f"that wrote it ({state.get('package_version', 'unknown')})")
+    problem = _weights_problem(state) or (_resume_problem(state) if for_resume else None)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} does not hold what a cifar_dist checkpoint of format "
+                              f"{FORMAT_VERSION} holds: {problem}; it was not written by cifar-dist or was edited: "
+                              "use a run's last.pt, last.prev.pt or best_ema.pt as written")
+    return state
 
 
 def load(path: Path, map_location="cpu") -> dict:
-    """Read a checkpoint written by `save`, or raise CheckpointError saying why."""
-    state = read(path, map_location)
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not a cifar_dist checkpoint of format {FORMAT_VERSION}")
-    return state
+    """Read a checkpoint written by `save` and check all its entries, or raise CheckpointError saying why."""
+    return check(read(path, map_location), Path(path))
 
 
 def load_resume_state(run_dir: Path, resume: str, log=print) -> dict | None:
@@ -75,6 +182,8 @@ def load_resume_state(run_dir: Path, resume: str, log=print) -> dict | None:
     if last.is_file():
         try:
             return load(last)
+        except RefusedCheckpoint:
+            raise
         except CheckpointError as err:
             if not previous.is_file():
                 raise
@@ -119,8 +228,6 @@ def capture(run, progress: Progress, cfg: Config, env: DistEnv) -> dict:
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "progress": asdict(progress),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if env.device.type == "cuda" else None},
     }
 
 
@@ -143,7 +250,8 @@ def restore(run, state: dict, cfg: Config, env: DistEnv, log=print) -> Progress:
         if state["scaler"]:
             run.scaler.load_state_dict(state["scaler"])
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint does not fit this run: {err}") from None
+        raise CheckpointError(f"checkpoint does not fit this run ({one_line(err)}); resume with the config it was "
+                              "trained with, or start afresh with train.resume=never") from None
     if state["world_size"] == env.world_size:
         mine = state["rank_local"][env.rank]
         with torch.no_grad():

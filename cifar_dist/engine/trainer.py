@@ -21,26 +21,26 @@ from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine import checkpoint
 from cifar_dist.engine.build import build_run
 from cifar_dist.engine.checkpoint import Progress, float_buffers
-from cifar_dist.engine.distributed import DistEnv, all_reduce_, average_tensors_
+from cifar_dist.engine.distributed import DistEnv, all_reduce_, average_tensors_, broadcast_object
 from cifar_dist.engine.evaluation import score_split
 from cifar_dist.engine.loss import soft_target_cross_entropy
 from cifar_dist.engine.run_log import RunLogger
 from cifar_dist.engine.run_log.wandb_sink import check_wandb
-from cifar_dist.engine.run_dir import resolve_run_dir, write_run_description
+from cifar_dist.engine.run_dir import RunFolder, resolve_run_dir
 from cifar_dist.engine.stopping import INTERRUPT, StopRequests
-from cifar_dist.errors import ExitCode
+from cifar_dist.errors import ConfigError, ExitCode, UserError, one_line
 from cifar_dist.run_files import BEST, BEST_EMA, LAST
 from cifar_dist.metrics import per_class_scores
 
 
 class Outcome(enum.Enum):
-    """How `Trainer.fit` ended: (what happened, the exit code it maps to)."""
+    """How `Trainer.fit` ended: (what happened, the exit code it maps to, the status.json word)."""
 
-    FINISHED = ("finished", ExitCode.FINISHED)
-    MAX_STEPS = ("reached train.max_steps", ExitCode.FINISHED)
-    PREEMPTED = ("stopped by SIGTERM/SIGUSR2", ExitCode.PREEMPTED)
-    INTERRUPTED = ("stopped by Ctrl-C", ExitCode.INTERRUPTED)
-    DIVERGED = ("stopped: the loss is not finite", ExitCode.DIVERGED)
+    FINISHED = ("finished", ExitCode.FINISHED, "finished")
+    MAX_STEPS = ("reached train.max_steps", ExitCode.FINISHED, "max_steps")
+    PREEMPTED = ("stopped by SIGTERM/SIGUSR2", ExitCode.PREEMPTED, "stopped")
+    INTERRUPTED = ("stopped by Ctrl-C", ExitCode.INTERRUPTED, "stopped")
+    DIVERGED = ("stopped: the loss is not finite", ExitCode.DIVERGED, "diverged")
 
     @property
     def description(self) -> str:
@@ -49,6 +49,10 @@ class Outcome(enum.Enum):
     @property
     def exit_code(self) -> ExitCode:
         return self.value[1]
+
+    @property
+    def status(self) -> str:
+        return self.value[2]
 
 
 class StepFlags(NamedTuple):
@@ -92,16 +96,21 @@ class Trainer:
         self.log = log if env.is_main else (lambda *a, **k: None)
         check_wandb(cfg.logging.wandb)
         self.run_dir = resolve_run_dir(cfg, env)
+        self.folder = RunFolder(self.run_dir)
+        self._agree_on_problem(self.folder.holder() and f"run.dir {self.run_dir} is being written by another "
+                               f"training ({self.folder.holder()}); wait for it to end, stop it, or choose another "
+                               "run.dir")  # refused before the data is read
         self.run = build_run(cfg, env)
+        self.run.plan.run_dir = str(self.run_dir)
         state = checkpoint.load_resume_state(self.run_dir, cfg.train.resume, log=self.log)
         self.progress = checkpoint.restore(self.run, state, cfg, env, self.log) if state else Progress()
+        # Everything checked: only now does the run folder come to exist, with rank 0 as its one writer.
+        self._agree_on_problem(self._claim_folder() if env.is_main else None)
         if state:
-            self.log(f"resumed from {self.run_dir} at epoch {self.progress.epoch}, step {self.progress.global_step}")
+            self.log(f"resumed from {self.run_dir}: {self._position()}")
         self.log("run plan:\n" + "\n".join(self.run.plan.lines()))
         if self.run.plan.eval_split == "test":
             self.log("data.val_fraction=0: no val split, so each epoch is evaluated on the test split")
-        if env.is_main:
-            write_run_description(self.run_dir, cfg, self.run.plan)
         self.logger = RunLogger(self.run_dir, cfg.logging, enabled=env.is_main, config_dict=config_to_dict(cfg),
                                 wandb_run_id=self.progress.wandb_run_id)
         self.progress.wandb_run_id = self.logger.wandb_run_id
@@ -110,6 +119,29 @@ class Trainer:
         self.stops = StopRequests(self.log)
         self.last_checkpoint_time = time.monotonic()
 
+    def _agree_on_problem(self, problem: str | None) -> None:
+        """Every rank raises rank 0's ConfigError (collective), so all stop together."""
+        problem = broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
+
+    def _claim_folder(self) -> str | None:
+        """Create and lock the run folder, describe the run in it, start train.log; the problem, if any."""
+        try:
+            self.folder.claim()
+        except ConfigError as err:
+            return str(err)
+        self.folder.copy_console()
+        self.folder.write_description(self.cfg, self.run.plan)
+        self.folder.set_status("running", step=self.progress.global_step, total_steps=self.run.plan.total_steps)
+        return None
+
+    def _position(self) -> str:
+        """Where the loop stands, in the numbering of the epoch lines: 'in epoch 4, after step 150 of 476'."""
+        p, total = self.progress, self.run.plan.total_steps
+        where = "in" if p.partial_epoch else "at the start of"
+        return f"{where} epoch {p.epoch + 1}, after step {p.global_step} of {total}"
+
     def __enter__(self) -> "Trainer":
         return self
 
@@ -117,26 +149,52 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Finish the reports (the progress bar, wandb)."""
+        """Finish the reports (the progress bar, wandb) and let go of the run folder."""
         self.logger.close()
+        self.folder.release()
 
     def fit(self) -> Outcome:
-        """Train to train.epochs, or until stopped; the Outcome carries its exit code."""
-        with self.stops, self:
-            p, max_steps = self.progress, self.cfg.train.max_steps
-            results = None
-            while p.global_step < self.run.plan.total_steps:
-                outcome = self._train_epoch(save=True)
-                if outcome is not None:
-                    return outcome
-                results = self._end_epoch()
-                stop = self._agree().stop  # a signal that came during evaluation
-                if stop:
-                    return Outcome.INTERRUPTED if stop == INTERRUPT else Outcome.PREEMPTED
-                if max_steps and p.global_step >= max_steps:
-                    return Outcome.MAX_STEPS
-            self._final_report(results or self.score_model_and_ema(tta_level=0))
-            return Outcome.FINISHED
+        """Train to train.epochs, or until stopped; the Outcome carries its exit code. status.json records
+        how the run ended (with the cause when it failed or crashed). The caller closes the trainer."""
+        with self.stops:
+            try:
+                outcome = self._fit()
+            except UserError as err:
+                self._set_status("failed", cause=one_line(err), exit_code=int(ExitCode.USER_ERROR))
+                raise
+            except KeyboardInterrupt:
+                self._set_status("stopped", cause="aborted by a second Ctrl-C",
+                                 exit_code=int(ExitCode.INTERRUPTED))
+                raise
+            except BaseException as err:
+                self._set_status("crashed", cause=f"{type(err).__name__}: {one_line(err)}",
+                                 exit_code=int(ExitCode.CRASHED))
+                raise
+            self._set_status(outcome.status, cause=outcome.description, exit_code=int(outcome.exit_code))
+            return outcome
+
+    def _set_status(self, status: str, **details) -> None:
+        if self.env.is_main:
+            self.folder.set_status(status, step=self.progress.global_step, total_steps=self.run.plan.total_steps,
+                                   **details)
+
+    def _fit(self) -> Outcome:
+        p, max_steps = self.progress, self.cfg.train.max_steps
+        results = None
+        while p.global_step < self.run.plan.total_steps:
+            outcome = self._train_epoch(save=True)
+            if outcome is Outcome.MAX_STEPS:
+                self._report_partial_epoch()
+            if outcome is not None:
+                return outcome
+            results = self._end_epoch()
+            stop = self._agree().stop  # a signal that came during evaluation
+            if stop:
+                return Outcome.INTERRUPTED if stop == INTERRUPT else Outcome.PREEMPTED
+            if max_steps and p.global_step >= max_steps:
+                return Outcome.MAX_STEPS
+        self._final_report(results or self.score_model_and_ema(tta_level=0))
+        return Outcome.FINISHED
 
     def run_epoch(self, evaluate: bool = True, save: bool = True) -> Outcome | None:
         """One epoch of the loop `fit` runs, as it runs it, or without the evaluation and logging at its end
@@ -277,16 +335,7 @@ class Trainer:
         p = self.progress
         results = self.score_model_and_ema(tta_level=0)
         sums = self._next_epoch()
-        record = {
-            "epoch": p.epoch, "global_step": p.global_step,
-            "train_loss": sums["loss"] / max(sums["count"], 1), "train_acc": sums["correct"] / max(sums["count"], 1),
-            "val_loss": results["model"]["loss"], "val_acc": results["model"]["acc"],
-            "val_count": results["model"]["count"], "lr": self.run.scheduler.get_last_lr()[0],
-            "images_per_s": sums["count"] / max(sums["seconds"], 1e-9), "epoch_s": sums["seconds"],
-            "peak_memory_mb": peak_memory_mb(self.env.device), "nonfinite_steps": p.nonfinite_total,
-        }
-        if "ema" in results:
-            record.update(ema_val_loss=results["ema"]["loss"], ema_val_acc=results["ema"]["acc"])
+        record = self._epoch_record(p.epoch, sums, results)
         p.history.append(record)
         self.logger.end_epoch(record)
         names = [LAST]
@@ -297,6 +346,29 @@ class Trainer:
         if save:
             self.save(*names)
         return results
+
+    def _report_partial_epoch(self) -> None:
+        """A train.max_steps stop in mid-epoch: the epoch so far, evaluated, in the log lines and metric files.
+        The checkpoint's history (written before) leaves it out, so a resumed run replaces it."""
+        p, steps = self.progress, self.run.plan.steps_per_epoch
+        record = self._epoch_record(round(p.epoch + (p.global_step - p.epoch * steps) / steps, 3),
+                                    p.partial_epoch, self.score_model_and_ema(tta_level=0))
+        self.logger.end_epoch({**record, "partial": True})
+
+    def _epoch_record(self, epoch, sums: dict, results: dict[str, dict]) -> dict:
+        """One line of metrics.jsonl: the epoch's training sums (over all ranks) and its evaluation."""
+        count, seconds = max(sums["count"], 1), max(sums["seconds"], 1e-9)
+        record = {
+            "epoch": epoch, "global_step": self.progress.global_step,
+            "train_loss": sums["loss"] / count, "train_acc": sums["correct"] / count,
+            "val_loss": results["model"]["loss"], "val_acc": results["model"]["acc"],
+            "val_count": results["model"]["count"], "lr": self.run.scheduler.get_last_lr()[0],
+            "images_per_s": sums["count"] / seconds, "epoch_s": sums["seconds"],
+            "peak_memory_mb": peak_memory_mb(self.env.device), "nonfinite_steps": self.progress.nonfinite_total,
+        }
+        if "ema" in results:
+            record.update(ema_val_loss=results["ema"]["loss"], ema_val_acc=results["ema"]["acc"])
+        return record
 
     def _final_report(self, plain: dict[str, dict]) -> None:
         """Per-class precision, recall, F1 of the last epoch; accuracy with TTA when train.tta is set."""

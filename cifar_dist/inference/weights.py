@@ -17,7 +17,7 @@ from torch import nn
 from cifar_dist.config import Config, apply_overrides, config_from_dict, load_config
 from cifar_dist.engine import checkpoint
 from cifar_dist.engine.build import build_model_for
-from cifar_dist.errors import CheckpointError
+from cifar_dist.errors import CheckpointError, ConfigError, one_line
 
 WEIGHTS = ("model", "ema")
 # Reference module → the prefixes of ours that hold the same tensors, in the same order.
@@ -46,10 +46,6 @@ class LoadedModel:
         return model.to(memory_format=torch.channels_last) if self.cfg.train.channels_last else model
 
 
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())[:400]
-
-
 def load_model(path: str | Path, weights: str | None = None, overrides: list[str] = ()) -> LoadedModel:
     """Build the model a checkpoint or reference state dict describes and load its weights (strictly).
 
@@ -58,10 +54,12 @@ def load_model(path: str | Path, weights: str | None = None, overrides: list[str
     path = Path(path)
     state = checkpoint.read(path)
     if isinstance(state, dict) and "format_version" in state:
-        if state["format_version"] != checkpoint.FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint {path} has format {state['format_version']}; this version reads "
-                                  f"format {checkpoint.FORMAT_VERSION}")
-        cfg = apply_overrides(config_from_dict(state["config"]), list(overrides))
+        checkpoint.check(state, path, for_resume=False)
+        try:
+            saved = config_from_dict(state["config"])
+        except ConfigError as err:
+            raise CheckpointError(f"checkpoint {path}: its saved config does not load ({one_line(err)})") from None
+        cfg = apply_overrides(saved, list(overrides))
         weights = weights or ("ema" if state.get("ema") else "model")
         if weights == "ema" and not state.get("ema"):
             raise CheckpointError(f"checkpoint {path} holds no EMA weights (trained with train.ema_decay=0); "
@@ -72,7 +70,7 @@ def load_model(path: str | Path, weights: str | None = None, overrides: list[str
             model.load_state_dict(tensors)
         except RuntimeError as err:
             raise CheckpointError(f"checkpoint {path}: its {weights} weights do not fit model.name={cfg.model.name} "
-                                  f"with the given overrides ({_one_line(err)})") from None
+                                  f"with the given overrides ({one_line(err)})") from None
     elif isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
         tensors = reference_tensors(state, path)
         cfg = load_config(None, ["model.name=attention_resnet", f"model.width={tensors['conv1.weight'].shape[0]}",

@@ -11,13 +11,21 @@ trainer. How the signals and submitit's own handlers cooperate:
   make every task finish its step; rank 0 writes last.pt; the trainer returns 75. From then on the
   task ignores both signals: the state is saved, and a late one must not kill a task (exit 143
   instead of 75) nor start a second requeue through `checkpoint()`.
-- Then rank 0 asks Slurm for the job's state. RUNNING means Slurm will not end the job itself (a
-  time-limit warning, a manual signal): we requeue it with `scontrol requeue`. Otherwise Slurm is
-  already cancelling the job (`scancel`) or requeuing it (preemption, `scontrol requeue`), and we let it.
-- Our requeues are counted in `<run dir>/slurm.json` and bounded by `--max-requeues`; the same
-  count bounds submitit's requeues through `checkpoint()`. A finished run, a failed one (exit 2, 3
-  or a crash) and a cancelled one are never requeued. A requeued job resumes from last.pt in the
-  same run dir and continues the same wandb run.
+- Then rank 0 asks Slurm for the job's state (`scontrol show job`, tried again a few times when the
+  controller does not answer). RUNNING means Slurm will not end the job itself: a preemption in its
+  grace time (PreemptTime set), a time-limit warning or a manual signal. We requeue it with `scontrol
+  requeue`. Otherwise Slurm is already requeuing the job (`scontrol requeue`, a preemption past its
+  grace time: Restarts went up) or ending it (`scancel`), and we let it.
+- Our requeues after a time-limit warning or a manual signal are counted in `<run dir>/slurm.json`
+  (once `scontrol requeue` succeeded) and bounded by `--max-requeues`; the same count bounds
+  submitit's requeues through `checkpoint()`. Preemptions are not the run's fault: counted apart
+  (`preemptions`), never bounded. A finished run, a failed one (exit 2, 3 or a crash) and a cancelled
+  one are never requeued. A requeued job resumes from last.pt in the same run dir and continues the
+  same wandb run.
+- slurm.json's `status` says where the run stands, `cause` (one line) why it ended or stopped, and
+  `log` every decision: running, finished, failed (a crash, exit 2 or 3), requeued (by us or by
+  Slurm), cancelled (`scancel`), stopped (last.pt written, not requeued: --max-requeues reached, the
+  requeue failed, or Slurm ended the job otherwise).
 """
 from __future__ import annotations
 
@@ -29,13 +37,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
 from cifar_dist import run_files
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import KEYS_HINT, load_config, parse_override
-from cifar_dist.errors import ArgumentParser, ConfigError, ExitCode
+from cifar_dist.errors import ArgumentParser, ConfigError, ExitCode, describe_exit, one_line
+
+SCONTROL_TRIES = 3  # a controller busy for a moment must not end a run that Slurm keeps running
+SCONTROL_RETRY_WAIT_S = 5.0
+SCONTROL_TIMEOUT_S = 20  # 3 tries, 2 waits: 70 s at worst, within the default --signal-delay-s of 120
 
 def require_submitit():
     try:
@@ -45,17 +58,67 @@ def require_submitit():
                           "(or use slurm/train.sbatch, which needs nothing but Slurm)") from None
     return submitit
 
-def job_state(job_id: str) -> str:
-    """Slurm's JobState of a job (RUNNING, COMPLETING, ...), or UNKNOWN."""
-    try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                             timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "UNKNOWN"
-    for field in out.split():
-        if field.startswith("JobState="):
-            return field.split("=", 1)[1]
-    return "UNKNOWN"
+class SlurmUnavailable(Exception):
+    """scontrol failed (or timed out) every time it was tried."""
+
+
+def scontrol(*args: str) -> str:
+    """`scontrol args...`'s output, tried SCONTROL_TRIES times SCONTROL_RETRY_WAIT_S apart; SlurmUnavailable names
+    the last failure."""
+    for attempt in range(1, SCONTROL_TRIES + 1):
+        try:
+            result = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            failure = one_line(err)
+        else:
+            if result.returncode == 0:
+                return result.stdout
+            failure = one_line(result.stderr) if result.stderr.strip() else describe_exit(result.returncode)
+        if attempt < SCONTROL_TRIES:
+            time.sleep(SCONTROL_RETRY_WAIT_S)
+    raise SlurmUnavailable(f"`scontrol {' '.join(args)}` failed {SCONTROL_TRIES} times; last: {failure}")
+
+
+def job_fields(line: str) -> dict[str, str]:
+    """The Key=Value fields of one `scontrol show job -o` line ({'JobState': 'RUNNING', 'PreemptTime': 'None', ...})."""
+    return dict(field.split("=", 1) for field in line.split() if "=" in field)
+
+
+def read_job(job_id: str) -> dict[str, str]:
+    """The job's `scontrol show job` fields; SlurmUnavailable when scontrol keeps failing."""
+    lines = scontrol("show", "job", "-o", job_id).splitlines()
+    fields = job_fields(lines[0]) if lines else {}
+    if "JobState" not in fields:
+        raise SlurmUnavailable(f"`scontrol show job -o {job_id}` printed no JobState: {' '.join(lines)[:200]!r}")
+    return fields
+
+
+def stop_reason(fields: dict[str, str], restarts_at_start: int) -> str:
+    """Why a job's tasks got SIGTERM or SIGUSR2, from its `scontrol show job` fields read after they stopped.
+
+    'preempted': RUNNING, and PreemptTime (None unless preempted) falls in this run: Slurm preempted
+    the job and waits out its grace time. Should the job end in that time, Slurm does not requeue it.
+    'warned': RUNNING otherwise: the time-limit warning or a manual signal.
+    'requeued': Slurm requeues the job itself (`scontrol requeue`, a preemption past its grace time):
+    Restarts went up while JobState still reads COMPLETING.
+    'cancelled': `scancel` (JobState CANCELLED, or COMPLETING with no Reason).
+    'ending': Slurm ends the job otherwise (Reason=TimeLimit, a node failure).
+    restarts_at_start: the job's Restarts when this run started (SLURM_RESTART_COUNT).
+    """
+    state, reason = fields["JobState"], fields.get("Reason", "None")
+    if state == "RUNNING":
+        preempt_time, start_time = fields.get("PreemptTime", "None"), fields.get("StartTime", "Unknown")
+        if preempt_time in ("None", "Unknown"):
+            return "warned"
+        # A PreemptTime before StartTime would be an earlier run's (a requeued job keeps its fields).
+        earlier = start_time != "Unknown" and datetime.fromisoformat(preempt_time) < datetime.fromisoformat(start_time)
+        return "warned" if earlier else "preempted"
+    if state.startswith("REQUEUE") or int(fields.get("Restarts", "0")) > restarts_at_start:
+        return "requeued"
+    if state == "CANCELLED" or (state == "COMPLETING" and reason == "None"):
+        return "cancelled"
+    return "ending"
+
 
 class RequeueLedger:
     """The requeue count of one run, kept in <run dir>/slurm.json (written by rank 0)."""
@@ -66,7 +129,8 @@ class RequeueLedger:
     def read(self) -> dict:
         if self.path.is_file():
             return json.loads(self.path.read_text())
-        return {"requeues": 0, "starts": 0, "status": "submitted", "exit_code": None, "log": []}
+        return {"requeues": 0, "preemptions": 0, "starts": 0, "status": "submitted", "cause": None,
+                "exit_code": None, "log": []}
 
     def update(self, **changes) -> dict:
         state = {**self.read(), **changes}
@@ -95,36 +159,78 @@ class SlurmTraining:
         from cifar_dist.train import train_main
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        job_id = submitit.JobEnvironment().job_id
+        environment = submitit.JobEnvironment()
+        job_id = environment.job_id
         is_main = os.environ["RANK"] == "0"
         ledger = RequeueLedger(Path(self.run_dir), self.max_requeues)
         if is_main:
-            ledger.update(starts=ledger.read()["starts"] + 1, status="running", job_id=job_id)
-        code = train_main(self.config_path, [*self.overrides, f"run.dir={self.run_dir}"])
+            ledger.update(starts=ledger.read()["starts"] + 1, status="running", cause=None, exit_code=None,
+                          job_id=job_id)
+        try:
+            code = train_main(self.config_path, [*self.overrides, f"run.dir={self.run_dir}"])
+        except submitit.core.utils.UncompletedJobError:  # checkpoint() said not to requeue, and recorded why
+            raise
+        except Exception as err:  # OOM, NCCL, a bug: say so in slurm.json, then end the task as before
+            if is_main:
+                cause = f"{type(err).__name__}: {one_line(err)}"
+                ledger.note(f"failed: {cause}; not requeued", status="failed", cause=cause,
+                            exit_code=ExitCode.CRASHED)
+            raise
         if is_main:
-            self._after(code, job_id, ledger)
+            self._after(code, job_id, ledger, environment.paths.stderr)
         if code not in (ExitCode.FINISHED, ExitCode.PREEMPTED):
-            raise RuntimeError(f"training in {self.run_dir} ended with exit code {code}; not requeued")
+            raise RuntimeError(f"training in {self.run_dir} ended with {describe_exit(code)}; not requeued")
         return code
 
-    def _after(self, code: int, job_id: str, ledger: RequeueLedger) -> None:
-        if code != ExitCode.PREEMPTED:
-            ledger.update(status="finished" if code == 0 else "failed", exit_code=code)
+    def _after(self, code: int, job_id: str, ledger: RequeueLedger, stderr: Path) -> None:
+        if code == ExitCode.FINISHED:
+            ledger.note("finished", status="finished", exit_code=code)
             return
-        state = job_state(job_id)
-        if state != "RUNNING":
-            ledger.note(f"stopped with last.pt written; Slurm is ending the job itself (JobState={state}): "
-                        "it requeues it after a preemption or `scontrol requeue`, not after `scancel`",
-                        status="stopped", exit_code=code)
-        elif not ledger.may_requeue():
-            ledger.note(f"stopped with last.pt written; not requeued: --max-requeues {self.max_requeues} "
-                        "reached. Resubmit the same command to continue", status="stopped", exit_code=code)
-        else:
+        if code != ExitCode.PREEMPTED:
+            cause = f"{describe_exit(code)}, see {stderr}"
+            ledger.note(f"failed: {cause}; not requeued", status="failed", cause=cause, exit_code=code)
+            return
+        saved = "stopped with last.pt written"
+        try:
+            fields = read_job(job_id)
+        except SlurmUnavailable as err:
+            ledger.note(f"{saved}; not requeued: cannot read the job's state: {err}", status="stopped",
+                        cause=f"cannot read the job's state: {err}", exit_code=code)
+            return
+        reason = stop_reason(fields, int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+        seen = f"JobState={fields['JobState']}, Reason={fields.get('Reason')}, Restarts={fields.get('Restarts')}"
+        if reason == "preempted":
+            self._requeue(job_id, ledger, code, f"preempted (PreemptTime={fields['PreemptTime']}): requeueing job "
+                          f"{job_id}, not counted toward --max-requeues", "preemptions")
+        elif reason == "warned" and ledger.may_requeue():
             count = ledger.read()["requeues"] + 1
-            ledger.note(f"stopped with last.pt written; requeueing job {job_id} "
-                        f"({count} of at most {self.max_requeues})", requeues=count, status="requeued",
-                        exit_code=code)
-            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+            self._requeue(job_id, ledger, code, f"requeueing job {job_id} ({count} of at most {self.max_requeues})",
+                          "requeues")
+        elif reason == "warned":
+            ledger.note(f"{saved}; not requeued: --max-requeues {self.max_requeues} reached. Resubmit the same "
+                        "command to continue", status="stopped",
+                        cause=f"--max-requeues {self.max_requeues} reached", exit_code=code)
+        elif reason == "requeued":
+            ledger.note(f"{saved}; Slurm requeues the job itself ({seen}): `scontrol requeue` or a preemption",
+                        status="requeued", exit_code=code)
+        elif reason == "cancelled":
+            ledger.note(f"{saved}; cancelled ({seen}): not requeued", status="cancelled",
+                        cause=f"cancelled ({seen})", exit_code=code)
+        else:
+            ledger.note(f"{saved}; Slurm is ending the job ({seen}): not requeued", status="stopped",
+                        cause=f"Slurm ended the job ({seen})", exit_code=code)
+
+    @staticmethod
+    def _requeue(job_id: str, ledger: RequeueLedger, code: int, what: str, counter: str) -> None:
+        """`scontrol requeue` the job, then add one to slurm.json's counter ('requeues' or 'preemptions')."""
+        try:
+            scontrol("requeue", job_id)
+        except SlurmUnavailable as err:
+            ledger.note(f"stopped with last.pt written; {what} failed: {err}", status="stopped",
+                        cause=f"requeue failed: {err}", exit_code=code)
+            return
+        ledger.note(f"stopped with last.pt written; {what}", status="requeued", exit_code=code,
+                    **{counter: ledger.read().get(counter, 0) + 1})
 
     def checkpoint(self):
         """submitit's SIGUSR2 handler calls this outside the training loop: requeue while allowed."""
@@ -133,8 +239,10 @@ class SlurmTraining:
         ledger = RequeueLedger(Path(self.run_dir), self.max_requeues)
         if not ledger.may_requeue():
             ledger.note(f"signal outside the training loop; not requeued: --max-requeues {self.max_requeues} reached",
-                        status="stopped")
+                        status="stopped", cause=f"--max-requeues {self.max_requeues} reached")
             return None
+        # Counted before submitit's own `scontrol requeue`, which runs after this returns. Should that
+        # fail, its error ends the task: recorded as failed by __call__ when it stops the start-up.
         ledger.note("signal outside the training loop; submitit requeues the job",
                     requeues=ledger.read()["requeues"] + 1, status="requeued")
         return submitit.helpers.DelayedSubmission(self)

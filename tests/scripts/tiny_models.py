@@ -4,7 +4,8 @@
 `tiny_nobn` (no BatchNorm, no dropout); `nan_after` (its logits turn NaN after `model.nan_after`
 training forwards, to exercise the non-finite-loss guard); `overflow_first` (its gradient is infinite
 in the first `model.overflow_steps` backward passes while the loss stays finite, as after an fp16
-overflow). The last two declare keys of their own, as a user's model would.
+overflow); `crash_after` (raises RuntimeError in training forward `model.crash_after` + 1, as a bug or
+an out-of-memory error would). The last three declare keys of their own, as a user's model would.
 """
 import torch
 from torch import nn
@@ -35,6 +36,19 @@ class NanAfter(TinyNoBN):
             if self.calls > self.after:
                 logits = logits * float("nan")
         return logits
+
+
+class CrashAfter(TinyNoBN):
+    def __init__(self, num_classes: int, after: int):
+        super().__init__(num_classes)
+        self.after, self.calls = after, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                raise RuntimeError(f"crash_after: training forward {self.calls} fails on purpose")
+        return super().forward(x)
 
 
 class InfiniteGradient(torch.autograd.Function):
@@ -69,3 +83,6 @@ register_model("nan_after", options=(
 register_model("overflow_first", options=(
     Key(20, "overflow_first: backward passes whose gradient is infinite", range="[0, inf)", name="overflow_steps"),
 ))(lambda num_classes, overflow_steps: OverflowFirst(num_classes, overflow_steps))
+register_model("crash_after", options=(
+    Key(20, "crash_after: training forwards before one raises RuntimeError", range="[0, inf)", name="crash_after"),
+))(lambda num_classes, crash_after: CrashAfter(num_classes, crash_after))
