@@ -357,6 +357,8 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] = ()) 
     cfg = Config()
     if yaml_path is not None:
         path = Path(yaml_path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; pass a YAML file (e.g. {path}/config.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -76,14 +77,37 @@ def pytest_sessionfinish(session, exitstatus):
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def find_real_data() -> Path | None:
+    """The folder holding cifar-10-batches-py: $CIFAR_DIST_DATA (what .ci/run sets), else where ./launch/train
+    looks (./data), else ../shared/data beside the checkout; else the official archive downloaded into ./data
+    (MD5-checked) when the network allows. None when all fail."""
+    from cifar_dist.data.cifar import DataError, load_cifar10
+
+    value = os.environ.get("CIFAR_DIST_DATA")
+    if value:
+        return Path(value) if (Path(value) / "cifar-10-batches-py").is_dir() else None
+    for place in (REPO / "data", REPO.parent / "shared" / "data"):
+        if (place / "cifar-10-batches-py").is_dir():
+            return place
+    try:
+        load_cifar10(REPO / "data", download=True)
+    except DataError:
+        return None
+    with tarfile.open(REPO / "data" / "cifar-10-python.tar.gz") as archive:  # the folder form, as tests read it
+        archive.extractall(REPO / "data", filter="data")
+    return REPO / "data"
+
+
 @pytest.fixture(scope="session")
 def real_data_root() -> Path:
-    """The folder holding cifar-10-batches-py, from CIFAR_DIST_DATA (set by .ci/run)."""
-    value = os.environ.get("CIFAR_DIST_DATA")
-    if not value or not (Path(value) / "cifar-10-batches-py").is_dir():
-        pytest.fail("set CIFAR_DIST_DATA to a folder holding cifar-10-batches-py (e.g. ../shared/data); "
-                    f"got {value!r}")
-    return Path(value)
+    """The real CIFAR-10, found by find_real_data; also exported as CIFAR_DIST_DATA for the subprocesses."""
+    root = find_real_data()
+    if root is None:
+        pytest.fail(f"real CIFAR-10 not found: CIFAR_DIST_DATA={os.environ.get('CIFAR_DIST_DATA')!r}, "
+                    f"{REPO / 'data'}, {REPO.parent / 'shared' / 'data'} and a download all failed; point "
+                    "CIFAR_DIST_DATA at a folder holding cifar-10-batches-py")
+    os.environ["CIFAR_DIST_DATA"] = str(root)
+    return root
 
 
 def id_images(count: int, seed: int = 0) -> np.ndarray:

@@ -154,3 +154,19 @@ def test_a_model_from_run_imports_brings_its_own_keys(tmp_path):
     assert trained.returncode == 0, trained.stderr[-4000:]
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"] == {"name": "nan_after", "num_classes": 10, "nan_after": 1000}
+
+
+def test_the_head_must_fit_cifar10_and_train_refuses_before_any_work(tmp_path):
+    for classes in (5, 100):
+        result = run_cli("train", "--config", "configs/smoke.yaml", f"model.num_classes={classes}",
+                         f"run.dir={tmp_path / 'run'}")
+        assert result.returncode == 2 and f"model.num_classes={classes}, but CIFAR-10 has 10 classes" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    result = run_cli("train", "--config", "configs/smoke.yaml", "run.dir=/proc/cifar_dist_run")
+    assert result.returncode == 2 and "run.dir /proc/cifar_dist_run cannot be written" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("cifar_dist ")

@@ -571,3 +571,38 @@ def test_bad_inputs_one_line_exit_2_nothing_written(trained, test_batch, tmp_pat
     assert main(["export", "--checkpoint", str(truncated_checkpoint), "--format", "torchscript",
                  "--out", str(tmp_path / "m.pt")]) == 2
     assert "is corrupt" in _error_line(capsys, "export") and not (tmp_path / "m.pt").exists()
+
+
+# --- every output checked before any work, several written together ----------------------------
+
+@pytest.mark.parametrize("argv, option", [
+    (["evaluate", "--out", "/proc/cifar_dist_x"], "--out /proc/cifar_dist_x cannot be written"),
+    (["export", "--format", "torchscript", "--out", "/proc/x.pt"], "--out /proc/x.pt cannot be written"),
+])
+def test_an_unwritable_output_is_one_line_before_any_work(trained, capsys, argv, option):
+    assert main([argv[0], "--checkpoint", str(trained / "last.pt"), *argv[1:]]) == 2
+    assert option in _error_line(capsys, argv[0])
+
+
+def test_predict_writes_both_outputs_or_neither_and_shows_progress(trained, small_pickle, tmp_path, capsys):
+    out = tmp_path / "ok.csv"
+    argv = ["predict", "--checkpoint", str(trained / "last.pt"), "--data", str(small_pickle), "--out", str(out)]
+    assert main([*argv, "--probs", "/proc/p.npy"]) == 2
+    assert "--probs /proc/p.npy cannot be written" in _error_line(capsys, "predict") and not out.exists()
+    assert main([*argv, "--probs", str(tmp_path / "p.npy")]) == 0
+    assert out.is_file() and (tmp_path / "p.npy").is_file()
+    assert "TTA 0: 1/1 batches" in capsys.readouterr().err  # progress, as plain lines off a terminal
+
+
+def test_a_folder_given_for_a_file_is_named_as_a_folder(trained, tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(trained)]) == 2
+    assert "is a folder; pass a checkpoint file in it" in _error_line(capsys, "evaluate")
+    assert main(["predict", "--checkpoint", str(trained / "last.pt"), "--data", str(tmp_path)]) == 2
+    assert "is a folder; expected a test pickle" in _error_line(capsys, "predict")
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    assert "is a folder; pass a YAML file" in _error_line(capsys, "train")
+
+
+def test_sweep_summary_checks_its_output_folder_first(trained, capsys):
+    assert main(["sweep-summary", str(trained.parent), "--out", "/proc/x"]) == 2
+    assert "--out /proc/x cannot be written" in _error_line(capsys, "sweep-summary")

@@ -80,3 +80,22 @@ def test_config_errors_stop_the_launcher_before_any_worker(data_root, tmp_path):
                             capture_output=True, text=True, timeout=300, env={**os.environ, "NPROC": "2"})
     assert result.returncode == 2
     assert "'model.name' must be one of" in result.stderr and "process(es)" not in result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("env, message", [({"NPROC": "0"}, "NPROC=0: expected a whole number"),
+                                          ({"MAX_RESTARTS": "x"}, "MAX_RESTARTS=x: expected a whole number")])
+def test_launcher_settings_are_checked(data_root, tmp_path, env, message):
+    result = subprocess.run(["./launch/train", *tiny_args(data_root, tmp_path / "run")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert result.returncode == 2 and message in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_user_error_in_the_ranks_is_not_restarted(data_root, tmp_path):
+    # run.dir unwritable: a config error does not fix itself, so the launcher ends with it (no restarts)
+    cmd = [sys.executable, "-m", "cifar_dist.launch.local", "--nproc", "2", "--max-restarts", "3", "--",
+           *tiny_args(data_root, "/proc/cifar_dist_run")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and "restart" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("run.dir /proc/cifar_dist_run cannot be written") >= 1

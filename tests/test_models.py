@@ -1,8 +1,6 @@
 """Model zoo: the registry, parameter counts, memory formats, compile, whitening init, summary."""
 from __future__ import annotations
 
-import os
-import pickle
 from pathlib import Path
 
 import pytest
@@ -161,18 +159,11 @@ def test_compile_has_no_graph_breaks_and_matches_eager(name):
 
 # --- whitening init from real CIFAR-10 images ------------------------------------------------
 
-def load_normalized_batch(batch_name: str, count: int) -> torch.Tensor:
-    root = os.environ.get("CIFAR_DIST_DATA")
-    if not root:
-        pytest.fail(
-            "CIFAR_DIST_DATA is not set: point it at a folder holding cifar-10-batches-py/ "
-            "(e.g. CIFAR_DIST_DATA=/work/shared/data)"
-        )
-    path = Path(root) / "cifar-10-batches-py" / batch_name
-    if not path.is_file():
-        pytest.fail(f"CIFAR_DIST_DATA={root} has no {path}; expected the python-version CIFAR-10 batches there")
-    with open(path, "rb") as f:
-        pixels = torch.from_numpy(pickle.load(f, encoding="latin1")["data"][:count])
+def load_normalized_batch(root: Path, batch_name: str, count: int) -> torch.Tensor:
+    from cifar_dist.data.cifar import load_pickle_bytes
+
+    path = root / "cifar-10-batches-py" / batch_name
+    pixels = torch.from_numpy(load_pickle_bytes(path.read_bytes(), str(path))["data"][:count])
     x = pixels.reshape(-1, 3, 32, 32).float() / 255
     return (x - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
 
@@ -186,8 +177,8 @@ def whitened_statistics(model: nn.Module, x: torch.Tensor) -> tuple[float, torch
     return (correlation - torch.eye(12, dtype=torch.float64)).abs().max().item(), torch.cov(outputs).diagonal()
 
 
-def test_whitening_init_decorrelates_held_out_patches():
-    train, held_out = load_normalized_batch("data_batch_1", 5000), load_normalized_batch("data_batch_2", 2000)
+def test_whitening_init_decorrelates_held_out_patches(real_data_root):
+    train, held_out = load_normalized_batch(real_data_root, "data_batch_1", 5000), load_normalized_batch(real_data_root, "data_batch_2", 2000)
     model = build_model(ModelConfig(name="fast"))
     before, _ = whitened_statistics(model, held_out)
     model.init_from_data(train)
@@ -203,8 +194,8 @@ def test_whitening_init_decorrelates_held_out_patches():
     torch.testing.assert_close(weight[12:], -weight[:12])
 
 
-def test_whitening_keeps_its_weakest_directions_under_bf16_autocast():
-    train, held_out = load_normalized_batch("data_batch_1", 5000), load_normalized_batch("data_batch_2", 500)
+def test_whitening_keeps_its_weakest_directions_under_bf16_autocast(real_data_root):
+    train, held_out = load_normalized_batch(real_data_root, "data_batch_1", 5000), load_normalized_batch(real_data_root, "data_batch_2", 500)
     model = build_model(ModelConfig(name="fast"))
     model.init_from_data(train)
     with torch.no_grad():

@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from cifar_dist import run_files
-from cifar_dist.atomic import atomic_write
 from cifar_dist.errors import ArgumentParser, ConfigError
+from cifar_dist.outputs import check_writable, write_together
 from cifar_dist.tables import markdown_table
 
 SUMMARY_NAME = "sweep_summary"
@@ -77,17 +77,17 @@ def main(argv: list[str]) -> int:
                                           "has finished)")
     parser.add_argument("--out", type=Path, help="folder for sweep_summary.csv/.md (default: root)")
     args = parser.parse_args(argv)
+    out = args.out or args.root
+    check_writable(out, "--out" if args.out else "the runs' folder", folder=True)
     table = collect(args.root)
     if args.sort_by and args.sort_by not in table:
         raise ConfigError(f"--sort-by {args.sort_by!r} is not a column; columns: {', '.join(table.columns)}")
     sort_by = args.sort_by or ("best_val_acc" if "best_val_acc" in table else None)
     if sort_by:
         table = table.sort_values(sort_by, ascending=False, kind="stable")
-    out = args.out or args.root
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / f"{SUMMARY_NAME}.csv", lambda tmp: table.to_csv(tmp, index=False))
     markdown = markdown_table(table) + "\n"
-    atomic_write(out / f"{SUMMARY_NAME}.md", lambda tmp: tmp.write_text(markdown))
+    write_together({out / f"{SUMMARY_NAME}.csv": lambda tmp: table.to_csv(tmp, index=False),
+                    out / f"{SUMMARY_NAME}.md": lambda tmp: tmp.write_text(markdown)})
     print(markdown, end="")
     print(f"wrote {out / SUMMARY_NAME}.csv and .md")
     return 0

@@ -216,7 +216,9 @@ def candidate_paths(root: Path, npz_name: str) -> list[Path]:
 
 
 def download_archive(root: Path) -> Path:
-    """Fetch the official archive into root and check its published MD5."""
+    """Fetch the official archive into root and check its published MD5; a failed download leaves nothing,
+    not even the folders it made."""
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]
     root.mkdir(parents=True, exist_ok=True)
     target = root / ARCHIVE_NAME
     with tempfile.NamedTemporaryFile(dir=root, prefix=".download-", delete=False) as tmp:
@@ -224,15 +226,19 @@ def download_archive(root: Path) -> Path:
             with urllib.request.urlopen(ARCHIVE_URL, timeout=30) as response:
                 while chunk := response.read(1 << 20):
                     tmp.write(chunk)
+            problem = None
         except OSError as err:
-            Path(tmp.name).unlink(missing_ok=True)
-            raise DataError(f"download of {ARCHIVE_URL} failed: {err}") from None
-    md5 = hashlib.md5(Path(tmp.name).read_bytes()).hexdigest()
-    if md5 != ARCHIVE_MD5:
-        Path(tmp.name).unlink(missing_ok=True)
-        raise DataError(f"downloaded archive has MD5 {md5}, expected {ARCHIVE_MD5}; try again")
-    Path(tmp.name).replace(target)
-    return target
+            problem = f"download of {ARCHIVE_URL} failed: {err}"
+    if problem is None:
+        md5 = hashlib.md5(Path(tmp.name).read_bytes()).hexdigest()
+        if md5 == ARCHIVE_MD5:
+            Path(tmp.name).replace(target)
+            return target
+        problem = f"downloaded archive has MD5 {md5}, expected {ARCHIVE_MD5}; try again"
+    Path(tmp.name).unlink(missing_ok=True)
+    for folder in made:  # innermost first
+        folder.rmdir()
+    raise DataError(problem)
 
 
 def load_cifar10(root: str | Path, download: bool = False, npz_name: str = "cifar10.npz",

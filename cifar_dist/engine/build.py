@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cifar_dist.augment.pipeline import EvalTransform, TrainAugment
 from cifar_dist.augment.recipe import check_loader_support, device_part
+from cifar_dist.cifar10 import NUM_CLASSES
 from cifar_dist.config import Config
 from cifar_dist.errors import ConfigError
 from cifar_dist.data.loaders import GpuLoader, build_loader
@@ -105,6 +106,9 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 def preflight(cfg: Config) -> None:
     """The checks beyond the config's own: the model builds and has what the optimizer needs, the loader
     supports the recipe."""
+    if cfg.model.num_classes != NUM_CLASSES:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes}, but CIFAR-10 has {NUM_CLASSES} classes: the "
+                          f"labels would not fit the head; set model.num_classes={NUM_CLASSES}")
     check_optimizer_fits(build_model(cfg.model), cfg.train)
     check_loader_support(cfg.augment, cfg.data.loader)
 

@@ -71,6 +71,8 @@ def read(path: Path, map_location="cpu"):
     """Whatever a `torch.save` file holds (a checkpoint, a bare state dict), loaded weights-only: tensors and
     plain data, no code run. CheckpointError saying why not; RefusedCheckpoint naming what would have run."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass a checkpoint file in it (last.pt, best_ema.pt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

@@ -29,6 +29,7 @@ from cifar_dist.engine.run_log.wandb_sink import check_wandb
 from cifar_dist.engine.run_dir import RunFolder, resolve_run_dir
 from cifar_dist.engine.stopping import INTERRUPT, StopRequests
 from cifar_dist.errors import ConfigError, ExitCode, UserError, one_line
+from cifar_dist.outputs import check_writable
 from cifar_dist.run_files import BEST, BEST_EMA, LAST
 from cifar_dist.metrics import per_class_scores
 
@@ -97,9 +98,7 @@ class Trainer:
         check_wandb(cfg.logging.wandb)
         self.run_dir = resolve_run_dir(cfg, env)
         self.folder = RunFolder(self.run_dir)
-        self._agree_on_problem(self.folder.holder() and f"run.dir {self.run_dir} is being written by another "
-                               f"training ({self.folder.holder()}); wait for it to end, stop it, or choose another "
-                               "run.dir")  # refused before the data is read
+        self._agree_on_problem(self._folder_problem() if env.is_main else None)  # before the data is read
         self.run = build_run(cfg, env)
         self.run.plan.run_dir = str(self.run_dir)
         state = checkpoint.load_resume_state(self.run_dir, cfg.train.resume, log=self.log)
@@ -124,6 +123,16 @@ class Trainer:
         problem = broadcast_object(problem)
         if problem:
             raise ConfigError(problem)
+
+    def _folder_problem(self) -> str | None:
+        """Why the run folder cannot be this run's (not writable, or another training holds it), if so."""
+        try:
+            check_writable(self.run_dir, "run.dir", folder=True)
+        except ConfigError as err:
+            return str(err)
+        holder = self.folder.holder()
+        return holder and (f"run.dir {self.run_dir} is being written by another training ({holder}); wait for it "
+                           "to end, stop it, or choose another run.dir")
 
     def _claim_folder(self) -> str | None:
         """Create and lock the run folder, describe the run in it, start train.log; the problem, if any."""

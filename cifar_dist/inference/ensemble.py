@@ -12,7 +12,8 @@ from cifar_dist.engine.distributed import process_group
 from cifar_dist.inference.weights import load_model
 from cifar_dist.inference.inputs import read_image_file, read_submission, write_submission
 from cifar_dist.inference.methods import accuracy
-from cifar_dist.inference.predict import write_outputs
+from cifar_dist.inference.predict import check_outputs, write_outputs
+from cifar_dist.outputs import check_writable
 from cifar_dist.inference.scoring import DEFAULT_BATCH_SIZE, Scorer
 
 
@@ -20,6 +21,7 @@ def ensemble_checkpoints(checkpoints: list[Path], data: Path, out: Path, probs_p
                          tta_level=0, weights: str | None = None, label_format: str = "index",
                          batch_size: int = DEFAULT_BATCH_SIZE, overrides: list[str] = (), log=print) -> None:
     """The mean of the members' probabilities (each with TTA at tta_level) on every image of data."""
+    check_outputs(out, probs_path)
     members = [load_model(path, weights, overrides) for path in checkpoints]  # every file checked before any work
     image_file = read_image_file(data)
     with process_group(members[0].cfg.train.device) as env:
@@ -51,6 +53,7 @@ def majority_vote(votes: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarr
 
 def vote_submissions(paths: list[Path], out: Path, label_format: str = "index", log=print) -> None:
     """Majority vote over submission CSVs listing the same ids in the same order."""
+    check_writable(out, "--out")
     files = [read_submission(path) for path in paths]
     ids, _ = files[0]
     for path, (other_ids, _) in zip(paths[1:], files[1:]):

@@ -23,6 +23,7 @@ from cifar_dist.engine.distributed import process_group
 from cifar_dist.engine.evaluation import NLL_FLOOR
 from cifar_dist.inference.scoring import DEFAULT_BATCH_SIZE, Scorer, require_val_split
 from cifar_dist.inference.weights import load_model
+from cifar_dist.outputs import check_writable
 
 
 def summarize(probs: np.ndarray, labels: np.ndarray) -> dict:
@@ -70,12 +71,15 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "val", tta_level=0, out_d
              weights: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, overrides: list[str] = (),
              log=print) -> dict | None:
     """Evaluate on every rank; rank 0 writes the report and returns the results (None elsewhere)."""
+    if out_dir:
+        check_writable(out_dir, "--out", folder=True)
     loaded = load_model(checkpoint, weights, overrides)
     if split == "val":
         require_val_split(loaded.cfg, "evaluate --split val")
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir) if out_dir else \
         checkpoint.parent / f"eval-{checkpoint.stem}-{loaded.weights}-{split}-tta{tta_level}"
+    check_writable(out_dir, "the report folder", folder=True)
     with process_group(loaded.cfg.train.device) as env:
         probs, labels = Scorer(loaded, env, batch_size).split(split, tta_level)
         if not env.is_main:

@@ -21,6 +21,7 @@ from cifar_dist.augment import color
 from cifar_dist.errors import ConfigError
 from cifar_dist.inference import EXPORT_FORMATS
 from cifar_dist.inference.weights import load_model
+from cifar_dist.outputs import check_writable
 
 SUFFIXES = dict(zip(EXPORT_FORMATS, (".onnx", ".torchscript.pt")))
 ONNX_OPSET = 17
@@ -83,9 +84,12 @@ def _onnx(classifier: nn.Module, example: torch.Tensor, path: Path, dynamic_batc
 def export(checkpoint: Path, fmt: str, out: Path | None = None, weights: str | None = None,
            dynamic_batch: bool = False, batch_size: int = 1, overrides: list[str] = (), log=print) -> Path:
     """Export, run beside eager, and rename into place; ExportMismatch (nothing written) when they differ."""
+    if out:
+        check_writable(out, "--out")
     loaded = load_model(checkpoint, weights, overrides)
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint.parent / f"{checkpoint.stem}-{loaded.weights}{SUFFIXES[fmt]}"
+    check_writable(out, "the export")
     classifier = PixelClassifier(loaded.model).eval()
     batches = [_pixels(batch_size, seed=0)] + ([_pixels(SECOND_BATCH, seed=1)] if dynamic_batch else [])
     report = {}

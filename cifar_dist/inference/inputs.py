@@ -67,6 +67,8 @@ def _id_text(value) -> str:
 def read_image_file(path: str | Path) -> ImageFile:
     """Images, ids and (when present) labels from a test pickle or an .npz; DataError when malformed."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; expected a test pickle (test_batch, cifar_test.pkl) or an .npz file")
     if not path.is_file():
         raise DataError(f"{path}: no such file; expected a test pickle (test_batch, cifar_test.pkl) or an .npz")
     images, ids, labels = _read_npz(path) if path.suffix == ".npz" else read_image_pickle(path)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_dist.atomic import atomic_write
+from cifar_dist.outputs import check_writable, write_together
 from cifar_dist.cifar10 import CLASS_NAMES
 from cifar_dist.engine.distributed import process_group
 from cifar_dist.inference.weights import LoadedModel, load_model
@@ -14,23 +14,26 @@ from cifar_dist.inference.methods import FITTED_METHODS, Fit, FitStore, accuracy
 from cifar_dist.inference.scoring import DEFAULT_BATCH_SIZE, Scorer, require_val_split
 
 
-def save_probabilities(path: Path, probs: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # np.save on a name would append .npy to the temporary name
-            np.save(f, probs.astype(np.float32))
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write, fsync=False)
+def check_outputs(out: Path, probs_path: Path | None) -> None:
+    """Before any work: the CSV and the .npy can be written."""
+    check_writable(out, "--out")
+    if probs_path is not None:
+        check_writable(probs_path, "--probs")
 
 
 def write_outputs(out: Path, probs_path: Path | None, ids: list[str], probs: np.ndarray, label_format: str,
                   log=print) -> None:
-    """The submission CSV (and the probabilities as .npy), each written whole or not at all."""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_submission(out, ids, probs.argmax(axis=1), label_format)
+    """The submission CSV and the probabilities as .npy: both written, or neither."""
+    def save_probabilities(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save on a name would append .npy to the temporary name
+            np.save(f, probs.astype(np.float32))
+
+    writers = {Path(out): lambda tmp: write_submission(tmp, ids, probs.argmax(axis=1), label_format)}
+    if probs_path is not None:
+        writers[Path(probs_path)] = save_probabilities
+    write_together(writers)
     log(f"wrote {out} ({len(ids)} rows)")
     if probs_path is not None:
-        save_probabilities(probs_path, probs)
         log(f"wrote {probs_path} ({probs.shape[0]} × {probs.shape[1]} float32, rows in the order of {out})")
 
 
@@ -72,6 +75,7 @@ def predict(checkpoint: Path, data: Path, method: str, tta_level, out: Path, pro
             weights: str | None = None, label_format: str = "index", batch_size: int = DEFAULT_BATCH_SIZE,
             overrides: list[str] = (), log=print) -> None:
     """Predict every image of data with the method; rank 0 writes out (and probs_path)."""
+    check_outputs(out, probs_path)
     loaded = load_model(checkpoint, weights, overrides)
     image_file = read_image_file(data)
     with process_group(loaded.cfg.train.device) as env:

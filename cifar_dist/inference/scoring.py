@@ -9,12 +9,14 @@ from cifar_dist.engine.build import autocast_context, build_array_input, build_e
 from cifar_dist.engine.distributed import DistEnv, gather_objects
 from cifar_dist.engine.evaluation import tta_output
 from cifar_dist.inference.weights import LoadedModel
+from cifar_dist.progress import progress
 
 DEFAULT_BATCH_SIZE = 500
 
 
 @torch.no_grad()
-def probabilities(model, loader, transform, autocast, tta: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def probabilities(model, loader, transform, autocast, tta: dict, num_classes: int,
+                  what: str = "scoring", shown: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities N × C, labels N) of a loader's images in order, over all ranks (collective); tta holds
     `tta_output`'s level, average and fraction.
 
@@ -23,7 +25,7 @@ def probabilities(model, loader, transform, autocast, tta: dict, num_classes: in
     """
     model.eval()
     parts, labels = [torch.zeros(0, num_classes)], [torch.zeros(0, dtype=torch.int64)]
-    for images, batch_labels in loader:
+    for images, batch_labels in progress(loader, len(loader), what, shown):
         with autocast():
             output = tta_output(model, transform(images), **tta)
             parts.append((output if tta["average"] == "probabilities" else torch.softmax(output, dim=1)).cpu())
@@ -55,10 +57,11 @@ class Scorer:
         """(probabilities, labels) of a data split of the config (val, test), every image once."""
         loader, transform = build_eval_input(self.cfg, self.env, split, self.batch_size)
         return probabilities(self.model, loader, transform, self.autocast, self._tta(tta_level),
-                             self.cfg.model.num_classes)
+                             self.cfg.model.num_classes, f"{split} split, TTA {tta_level}", self.env.is_main)
 
     def images(self, images: np.ndarray, tta_level) -> np.ndarray:
         """Probabilities of NHWC uint8 images, in their order."""
         loader, transform = build_array_input(self.cfg, self.env, images, self.batch_size)
         return probabilities(self.model, loader, transform, self.autocast, self._tta(tta_level),
-                             self.cfg.model.num_classes)[0]
+                             self.cfg.model.num_classes, f"{len(images)} images, TTA {tta_level}",
+                             self.env.is_main)[0]

@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 
-from cifar_dist.errors import ExitCode, describe_exit
+from cifar_dist.errors import ExitCode, at_least, describe_exit
 from cifar_dist.lifetime import die_with_parent
 
 GRACE_S = 60.0  # how long the other ranks may take to follow a rank that ended with a final code
@@ -111,8 +111,8 @@ def exit_code(codes: list[int]) -> ExitCode:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifar_dist.launch.local", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nproc", type=int, default=1, help="ranks (one per GPU)")
-    parser.add_argument("--max-restarts", type=int, default=3, help="restarts of the group after a crash")
+    parser.add_argument("--nproc", type=at_least(1), default=1, help="ranks (one per GPU)")
+    parser.add_argument("--max-restarts", type=at_least(0), default=3, help="restarts of the group after a crash")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the trainer's arguments")
     args = parser.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args

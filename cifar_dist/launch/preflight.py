@@ -11,6 +11,7 @@ import sys
 
 from cifar_dist.config import load_config
 from cifar_dist.errors import ExitCode, UserError
+from cifar_dist.outputs import check_writable
 
 
 def main(argv: list[str]) -> int:
@@ -23,6 +24,8 @@ def main(argv: list[str]) -> int:
         from cifar_dist.engine.run_log.wandb_sink import check_wandb
 
         cfg = load_config(args.config, overrides)
+        if cfg.run.dir:
+            check_writable(cfg.run.dir, "run.dir", folder=True)
         preflight(cfg)
         check_wandb(cfg.logging.wandb)
     except UserError as err:

@@ -44,7 +44,7 @@ from pathlib import Path
 from cifar_dist import run_files
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import KEYS_HINT, load_config, parse_override
-from cifar_dist.errors import ArgumentParser, ConfigError, ExitCode, describe_exit, one_line
+from cifar_dist.errors import ArgumentParser, ConfigError, ExitCode, at_least, describe_exit, one_line
 
 SCONTROL_TRIES = 3  # a controller busy for a moment must not end a run that Slurm keeps running
 SCONTROL_RETRY_WAIT_S = 5.0
@@ -303,19 +303,6 @@ def executor_for(args, folder: Path, tasks_per_node: int):
         slurm_additional_parameters={"requeue": True, **extra}, **slurm)
     executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
     return executor
-
-def at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="cifar-dist slurm", description=__doc__.split("\n\n")[0],
