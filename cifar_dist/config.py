@@ -137,6 +137,8 @@ class TrainConfig:
                                      "peak and fall linearly from the first step)", range=FRACTION)
     lr_start_factor: float = option(0.0, "lr multiplier at the first step (warm-up start)", range=AT_LEAST_0)
     lr_end_factor: float = option(0.0, "lr multiplier at the last step", range=AT_LEAST_0)
+    whiten_images: int = option(5000, "training images the whitening layer's filters are computed from (models "
+                                "with one; airbench 5,000, the 2025 record 960)", range=AT_LEAST_1)
     whiten_bias_epochs: float = option(0.0, "freeze the whitening layer's bias after this many epochs (0: never)",
                                        range=AT_LEAST_0)
     whiten_bias_schedule: str = option("main", "main: until it freezes the whitening bias follows the schedule of the "

@@ -311,8 +311,30 @@ def test_jitter_factor_ranges():
     for factors, low, high in ((b, 0.8, 1.2), (c, 0.7, 1.3), (s, 0.0, 2.5), (h, -0.1, 0.1)):
         assert factors.min() >= low and factors.max() <= high
         assert factors.min() < low + 0.01 and factors.max() > high - 0.01
-    with pytest.raises(ValueError, match="hue"):
-        color.random_jitter_factors(4, 0.0, 0.0, 0.0, 0.7, cpu_generator())
+
+
+
+def test_normalised_shift_and_scale_by_hand():
+    images = torch.randn(6, 3, 4, 4, generator=cpu_generator())
+    out = color.shift_and_scale(images, 0.14, 0.13, cpu_generator(5))
+    draws = cpu_generator(5)
+    s = (torch.rand(6, 1, 1, 1, generator=draws) * 2 - 1) * 0.14
+    c = (torch.rand(6, 1, 1, 1, generator=draws) * 2 - 1) * 0.13 + 1
+    assert torch.equal(out, (images + s) * c)
+    assert (s.abs() <= 0.14).all() and ((c - 1).abs() <= 0.13).all() and not torch.equal(out, images)
+
+
+def test_shift_and_scale_in_the_pipeline_and_off_at_zero():
+    images, labels = uint8_images(8), torch.arange(8) % 10
+    plain = AugmentConfig(crop_padding=2, flip="alternating", rotate_degrees=0, perspective_prob=0, brightness=0,
+                          contrast=0, saturation=0, hue=0, mixup_prob=0, cutmix_prob=0)
+    on = dataclasses.replace(plain, brightness_shift=0.14, contrast_scale=0.13)
+    base, _ = TrainAugment(plain, channels_last=False)(images, labels, make_generator(0, 0, 0, 0, "cpu"))
+    moved, _ = TrainAugment(on, channels_last=False)(images, labels, make_generator(0, 0, 0, 0, "cpu"))
+    # the same crops and flips (drawn first), then each image moved by its own (s, c): moved = (base + s)·c
+    per_image_c = (moved - moved.mean(dim=(1, 2, 3), keepdim=True)).std(dim=(1, 2, 3)) / \
+        (base - base.mean(dim=(1, 2, 3), keepdim=True)).std(dim=(1, 2, 3))
+    assert ((per_image_c - 1).abs() <= 0.13 + 1e-5).all() and not torch.allclose(moved, base)
 
 
 def test_eval_transform_is_reference_normalisation():

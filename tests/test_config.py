@@ -43,6 +43,11 @@ def test_string_keys_keep_yaml_words_and_quotes():
     ("train.muon.ns_steps=0", "'train.muon.ns_steps' must be in \\[1, 20\\]"),
     ("train.muon.ns_coefficients=[1, 2]", "'train.muon.ns_coefficients' must be three numbers"),
     ("train.optimizer=adam", "'train.optimizer' must be one of sgd, muon"),
+    # ranges the augmentation ops trusted a validated config for (they no longer check them)
+    ("augment.hue=0.7", "'augment.hue' must be in \\[0, 0.5\\]"),
+    ("augment.crop_padding=32", "'augment.crop_padding' must be in \\[0, 31\\]"),
+    ("augment.flip=sideways", "'augment.flip' must be one of random, alternating, none"),
+    ("model.widths=[8, 16]", "'model.widths' must be three positive integers"),
     ("train.lr", "not of the form key.sub=value"),
     ("train=3", "is a section"),
 ])

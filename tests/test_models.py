@@ -77,6 +77,17 @@ def test_unknown_model_name_raises_naming_known_models():
     assert all(name in str(err.value) for name in MODEL_NAMES)
 
 
+def test_fast_activation_and_head_init_keys():
+    silu = build_model(ModelConfig(name="fast", options={"activation": "silu", "head_init_std": 1.0}))
+    groups = [m for m in silu.modules() if type(m).__name__ == "ConvGroup"]
+    assert len(groups) == 3 and all(isinstance(g.activation, nn.SiLU) for g in groups)
+    assert isinstance(silu.activation, nn.GELU)  # after the whitening conv, as both records
+    assert silu.fc.weight.std().item() == pytest.approx(1.0, rel=1e-5)  # airbench94_muon's head
+    default = build_model(ModelConfig(name="fast"))
+    assert all(isinstance(g.activation, nn.GELU) for g in default.modules() if type(g).__name__ == "ConvGroup")
+    assert default.fc.weight.std().item() < 0.1  # torch's init: about 1 / sqrt(3 · 256)
+
+
 def test_fast_rejects_wrong_number_of_widths():
     with pytest.raises(ConfigError, match="config key 'model.widths' must be three positive integers"):
         build_model(ModelConfig(name="fast", options={"widths": [64, 256]}))

@@ -147,6 +147,15 @@ def jitter_and_normalize(
     return torch.minimum(torch.maximum(out, low, out=out), high, out=out)
 
 
+def shift_and_scale(images: torch.Tensor, shift: float, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """(x + s)·c per image on normalised values, s ~ U(−shift, shift), c ~ U(1 − scale, 1 + scale): the 2025
+    speed record's brightness and contrast, which move the normalised values rather than the pixels."""
+    n, device = images.shape[0], images.device
+    s = (torch.rand(n, 1, 1, 1, generator=generator, device=device) * 2 - 1) * shift
+    c = (torch.rand(n, 1, 1, 1, generator=generator, device=device) * 2 - 1) * scale + 1
+    return (images + s) * c
+
+
 def random_jitter_factors(
     batch_size: int,
     brightness: float,
@@ -157,9 +166,6 @@ def random_jitter_factors(
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Per-sample factors with ColorJitter's ranges: uniform in [max(0, 1 − s), 1 + s] for
     brightness, contrast and saturation, uniform in [−hue, hue] for hue; None where the strength is 0."""
-    if not 0.0 <= hue <= 0.5:
-        raise ValueError(f"augment.hue must be in [0, 0.5] (a fraction of a turn of the hue circle); got {hue}")
-
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(batch_size, generator=generator, device=generator.device)
 

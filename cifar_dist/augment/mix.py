@@ -96,14 +96,6 @@ def mix_batch(
         info = {"kind": torch.full((), NONE, device=device), "lam": torch.ones((), device=device),
                 "perm": torch.arange(images.shape[0], device=device)}
         return images, targets, info
-    if mixup_prob + cutmix_prob > 1.0:
-        raise ValueError(
-            f"mixup_prob + cutmix_prob must be at most 1 (one kind per batch); got {mixup_prob} + {cutmix_prob}"
-        )
-    for name, prob, alpha in (("mixup", mixup_prob, mixup_alpha), ("cutmix", cutmix_prob, cutmix_alpha)):
-        if prob > 0 and alpha <= 0:
-            raise ValueError(f"augment.{name}_alpha must be > 0 when augment.{name}_prob > 0; got {alpha}")
-
     choice = torch.rand((), generator=generator, device=device)
     kind = torch.where(choice < mixup_prob, MIXUP, torch.where(choice < mixup_prob + cutmix_prob, CUTMIX, NONE))
     perm = torch.randperm(images.shape[0], generator=generator, device=device)

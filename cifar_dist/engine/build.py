@@ -29,7 +29,6 @@ from cifar_dist.engine.optim import build_optimizer, check_optimizer_fits, sgd_r
 from cifar_dist.hardware import device_name
 from cifar_dist.models import build_model
 
-WHITENING_IMAGES = 5000  # training images the fast net's whitening layer is fitted on (airbench)
 
 
 @dataclass
@@ -213,9 +212,9 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
         images = []
         for batch, _ in train_loader:
             images.append(eval_transform(batch))
-            if sum(len(x) for x in images) >= WHITENING_IMAGES:
+            if sum(len(x) for x in images) >= tc.whiten_images:
                 break
-        return torch.cat(images)[:WHITENING_IMAGES]
+        return torch.cat(images)[:tc.whiten_images]
 
     model = build_model_for(cfg, device, tc.channels_last, sync_bn, whitening_images)
     optimizer, scheduler = build_optimizer(model, tc, tc.global_batch_size, steps_per_epoch, total_steps)
