@@ -7,23 +7,27 @@ interrupted prepare never leaves a beton that a loader would accept).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import queue
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from cifar_dist.atomic import atomic_write
+from cifar_dist.atomic import atomic_write, disk_full_as_user_error
 from cifar_dist.config import DataConfig
 from cifar_dist.data.cifar import load_cifar10, sha256_file
 from cifar_dist.cifar10 import CLASS_NAMES, NUM_CLASSES
-from cifar_dist.errors import DataError
+from cifar_dist.errors import DataError, describe_exit
 from cifar_dist.data.splits import SPLITS, split_arrays
-from cifar_dist.lifetime import children_die_with_parent
+from cifar_dist.lifetime import children_die_with_parent, children_leave_ctrl_c_to_parent
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
+PAGE_BYTES = 8 << 20  # FFCV's default page: workers write whole pages, so each ends the file on a part-filled one
+CHUNK_IMAGES = 500  # images per item of the writer's work queue
 
 
 def require_ffcv():
@@ -60,15 +64,84 @@ class _ArrayDataset:
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, num_workers: int) -> None:
-    """Write one split as raw RGB images and int labels."""
+    """Write one split as raw RGB images and int labels, with FFCV's writer workers under our control.
+
+    This is `DatasetWriter.from_indexed_dataset` step by step (ffcv is pinned to 1.0.2), because FFCV's own
+    loop waits forever for a worker that failed (a full disk), leaves Ctrl-C to print a traceback in every
+    worker, and blocks the exit on its work queue. Here a worker's OSError is raised in this process, only
+    this process sees Ctrl-C, and however the write ends, no worker outlives it.
+    """
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
+    from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
 
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
-    children_die_with_parent()  # FFCV's writer forks workers (~800 MB each): none may outlive a killed prepare
-    writer = DatasetWriter(str(path), fields, num_workers=max(1, num_workers))
-    writer.from_indexed_dataset(_ArrayDataset(images, labels), chunksize=500)
+    writer = DatasetWriter(str(path), fields, page_size=PAGE_BYTES, num_workers=max(1, num_workers))
+    writer.num_samples = len(labels)
+    forked = multiprocessing.get_context("fork")  # the workers get the images by fork, not by pickle
+    work, results = forked.Queue(), forked.Queue()
+    done = forked.Value("Q", 0)  # FFCV's progress counter: unused, the results say when each worker is done
+    workers = []
+    writer.prepare()  # the header; the images' metadata table in shared memory, removed below
+    try:
+        allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
+        job = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, results,
+               _ArrayDataset(images, labels))
+        workers = [forked.Process(target=_write_pages, args=job, daemon=True) for _ in range(writer.num_workers)]
+        children_die_with_parent()  # the workers (~800 MB each) may not outlive a killed prepare either
+        for start in range(0, len(labels), CHUNK_IMAGES):
+            work.put([(i, i) for i in range(start, min(start + CHUNK_IMAGES, len(labels)))])
+        for _ in workers:
+            work.put(None)  # one end-of-work mark each
+        with children_leave_ctrl_c_to_parent():
+            for worker in workers:
+                worker.start()
+        allocations = []
+        for _ in workers:
+            allocations.extend(_next_result(results, workers))
+        writer.finalize(allocations)  # the metadata table and where each image lies
+    finally:
+        for worker in workers:
+            if worker.pid is not None:
+                worker.kill()  # those that sent their result have nothing left to do
+                worker.join()
+        work.cancel_join_thread()  # its feeder thread may be stuck on a pipe nobody reads any more
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
+
+
+def _write_pages(work, metadata, metadata_type, fields, allocator, done, results, dataset) -> None:
+    """One writer worker: FFCV's, but an OSError (a full disk) is sent back as its result instead of printed."""
+    from ffcv.writer import worker_job_indexed_dataset
+
+    try:
+        worker_job_indexed_dataset(work, metadata, metadata_type, fields, allocator, done, results, dataset)
+    except OSError as err:
+        results.put(OSError(err.errno, err.strerror, err.filename))
+
+
+def _next_result(results, workers) -> list:
+    """The allocations the next worker to finish sends; its OSError raised here; RuntimeError if one died."""
+    while True:
+        try:
+            result = results.get(timeout=0.2)
+        except queue.Empty:
+            dead = next((w for w in workers if w.exitcode not in (None, 0)), None)
+            if dead is not None:
+                raise RuntimeError(f"an FFCV writer worker ended with {describe_exit(dead.exitcode)} before "
+                                   "finishing its share") from None
+            continue
+        if isinstance(result, OSError):
+            raise result
+        return result
+
+
+def beton_bytes(num_images: int, num_workers: int) -> int:
+    """About the size of a beton of raw 32×32 images: the images, the header's page, a part-filled page per worker."""
+    if num_images == 0:
+        return 0
+    return num_images * (32 * 32 * 3 + 24) + (max(1, num_workers) + 1) * PAGE_BYTES
 
 
 def expected_inputs(cfg: DataConfig, source_checksums: dict) -> dict:
@@ -132,18 +205,24 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Path:
                         "set data.beton_dir to a writable folder") from None
     _remove_stale_temporaries(beton_dir)
     splits = split_arrays(arrays, cfg.val_fraction, cfg.split_seed)
-    temporaries = {}
-    for split in SPLITS:
-        images, labels = splits[split]
-        tmp = beton_dir / f"{TMP_PREFIX}{split}.beton.{os.getpid()}"
-        log(f"writing {split}.beton: {len(labels)} images")
-        if len(labels):
-            write_beton(tmp, images, labels, cfg.num_workers)
-        else:
-            tmp.write_bytes(b"")  # an empty val split (val_fraction=0): no beton content
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        temporaries[split] = tmp
+    temporaries = {split: beton_dir / f"{TMP_PREFIX}{split}.beton.{os.getpid()}" for split in SPLITS}
+    needed = sum(beton_bytes(len(labels), cfg.num_workers) for _, labels in splits.values())
+    with disk_full_as_user_error(beton_dir, "the betons", needed, "no beton was replaced: free some space there, "
+                                 "or set data.beton_dir to a folder on another disk"):
+        try:
+            for split, tmp in temporaries.items():
+                images, labels = splits[split]
+                log(f"writing {split}.beton: {len(labels)} images")
+                if len(labels):
+                    write_beton(tmp, images, labels, cfg.num_workers)
+                else:
+                    tmp.write_bytes(b"")  # an empty val split (val_fraction=0): no beton content
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+        except BaseException:  # a full disk, Ctrl-C, a crash: nothing half-written stays
+            for tmp in temporaries.values():
+                tmp.unlink(missing_ok=True)
+            raise
 
     (beton_dir / MANIFEST).unlink(missing_ok=True)  # from here on, no manifest vouches for old files
     entries = {}
@@ -159,7 +238,8 @@ def prepare(cfg: DataConfig, force: bool = False, log=print) -> Path:
             "sha256": sha256_file(final),
         }
     manifest = {"inputs": inputs, "source": arrays.source, "class_names": list(CLASS_NAMES), "splits": entries}
-    atomic_write(beton_dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    atomic_write(beton_dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"),
+                 if_disk_full="free some space there and run `cifar-dist prepare` again")
     counts = ", ".join(f"{split}: {entry['num_images']}" for split, entry in entries.items())
     log(f"wrote {counts} images to {beton_dir}")
     return beton_dir / MANIFEST
