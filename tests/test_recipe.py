@@ -87,3 +87,46 @@ def test_lookahead_decay_and_tta_are_the_records(trained):
     assert trainer.cfg.train.tta == 2
     weights = [w for w, _ in tta_views(torch.zeros(1, 3, 32, 32), trainer.cfg.train.tta)]
     assert weights == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+
+
+# airbench94_muon.py and the 2025 record's cifar10_speedrun.py, main(): their numbers and formulas
+MUON_RECORDS = {
+    "configs/fast_muon.yaml": dict(batch=2000, steps=math.ceil(8 * 25), whiten_steps=math.ceil(3 * 25),
+                                   head_lr=0.67, bias_lr=0.053, muon_lr=0.24, muon_momentum=0.6, momentum=0.85,
+                                   wd=2e-6 * 2000, muon_wd=0.0, normalize=(1, 1), smoothing=0.2),
+    "configs/fast_muon_short.yaml": dict(batch=1536, steps=math.ceil(7.59 * 32), whiten_steps=math.ceil(0.19 * 32),
+                                         head_lr=0.5415, bias_lr=0.0573, muon_lr=0.205, muon_momentum=0.655,
+                                         momentum=0.825, wd=1.0418e-6 * 1536, muon_wd=1.0418e-6 * 1536,
+                                         normalize=(2, 17), smoothing=0.09),
+}
+
+
+@pytest.mark.parametrize("path", list(MUON_RECORDS))
+def test_the_muon_recipes_are_the_records(real_data_root, tmp_path, path):
+    from cifar_dist.engine.build import build_run
+
+    record = MUON_RECORDS[path]
+    cfg = load_config(path, [f"data.root={real_data_root}", "data.val_fraction=0", "train.compile=false",
+                             f"run.dir={tmp_path}"])
+    run = build_run(cfg, DistEnv())
+    assert (run.plan.global_batch_size, run.plan.total_steps) == (record["batch"], record["steps"])
+    groups = {g["name"]: (i, g) for i, g in enumerate(run.optimizer.param_groups)}
+    index, filters = groups["filters"]
+    assert filters["muon"] and len(filters["params"]) == 6  # every trainable conv filter, not the whitening one
+    assert (filters["initial_lr"], filters["momentum"], filters["weight_decay"]) == pytest.approx(
+        (record["muon_lr"], record["muon_momentum"], record["muon_wd"]))
+    assert (filters["normalize_every"], filters["normalize_every_end"]) == record["normalize"]
+    base = {"weights": record["head_lr"], "norm_bias": record["bias_lr"], "whiten_bias": record["bias_lr"]}
+    for name, lr in base.items():
+        i, group = groups[name]
+        assert group["initial_lr"] == pytest.approx(lr, rel=1e-12) and group["momentum"] == record["momentum"]
+        assert group["initial_lr"] * group["weight_decay"] == pytest.approx(record["wd"], rel=1e-9)
+        schedule = run.scheduler.lr_lambdas[i]
+        if name == "whiten_bias":  # its own line to 0 over its steps, then frozen
+            assert [schedule(s) for s in (0, 1, record["whiten_steps"])] == pytest.approx(
+                [1.0, 1 - 1 / record["whiten_steps"], 0.0])
+        else:  # lr × (1 − step / total_train_steps)
+            assert [schedule(s) for s in (0, 50, record["steps"])] == pytest.approx([1.0, 1 - 50 / record["steps"], 0])
+    assert run.scheduler.lr_lambdas[index](50) == pytest.approx(1 - 50 / record["steps"])
+    assert cfg.train.label_smoothing == record["smoothing"] and not run.ema.enabled
+    assert run.model.fc.weight.std().item() == pytest.approx(1.0, rel=1e-5) and run.model.scale == 1 / 256
