@@ -31,6 +31,7 @@ def children_leave_ctrl_c_to_parent():
     thread while forking, and the children keep it blocked. Another thread may still take a Ctrl-C
     meanwhile; it is held until the end, since a KeyboardInterrupt raised inside os.fork's hooks is
     swallowed ("Exception ignored"), or leaves a child started but not yet known to its Process.
+    Main thread only (it sets a signal handler).
     """
     held = []
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

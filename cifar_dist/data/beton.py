@@ -2,7 +2,8 @@
 
 Idempotent (same inputs and options: nothing rewritten) and atomic (betons are written under
 temporary names; the manifest that vouches for them is removed first and written last, so an
-interrupted prepare never leaves a beton that a loader would accept).
+interrupted prepare never leaves a beton that a loader would accept). Ctrl-C or a full disk stops
+FFCV's writer workers, removes the temporaries and says so in one line (exit code 130 or 2).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from cifar_dist.atomic import atomic_write, disk_full_as_user_error
 from cifar_dist.config import DataConfig
 from cifar_dist.data.cifar import load_cifar10, sha256_file
 from cifar_dist.cifar10 import CLASS_NAMES, NUM_CLASSES
-from cifar_dist.errors import DataError, describe_exit
+from cifar_dist.errors import DataError
 from cifar_dist.data.splits import SPLITS, split_arrays
 from cifar_dist.lifetime import children_die_with_parent, children_leave_ctrl_c_to_parent
 
@@ -129,8 +130,8 @@ def _next_result(results, workers) -> list:
         except queue.Empty:
             dead = next((w for w in workers if w.exitcode not in (None, 0)), None)
             if dead is not None:
-                raise RuntimeError(f"an FFCV writer worker ended with {describe_exit(dead.exitcode)} before "
-                                   "finishing its share") from None
+                raise RuntimeError(f"an FFCV writer worker stopped before finishing its share "
+                                   f"(exitcode {dead.exitcode}; negative: the signal that killed it)") from None
             continue
         if isinstance(result, OSError):
             raise result

@@ -62,9 +62,12 @@ class RefusedCheckpoint(CheckpointError):
 
 
 def save(state: dict, path: Path, keep_previous: bool = False) -> None:
-    """Write state to path so that a kill at any moment leaves a whole file behind."""
+    """Write state to path so that a kill at any moment leaves a whole file behind; a full disk replaces nothing
+    and is a UserError saying so."""
     previous = path.with_name(PREVIOUS) if keep_previous else None
-    atomic_write(path, lambda tmp: torch.save(state, tmp), keep_previous=previous)
+    atomic_write(path, lambda tmp: torch.save(state, tmp), keep_previous=previous,
+                 if_disk_full="free some space there, then run the same command again: it resumes from the last "
+                              "checkpoint written whole")
 
 
 def read(path: Path, map_location="cpu"):
