@@ -44,11 +44,18 @@ def leftover_processes() -> list:
                 break
         except ChildProcessError:
             break
+    return running(psutil.Process().children(recursive=True))
+
+
+def running(processes: list) -> list:
+    """Those of processes (psutil) still running; zombies count as ended."""
+    import psutil
+
     alive = []
-    for child in psutil.Process().children(recursive=True):
+    for process in processes:
         try:
-            if child.status() != psutil.STATUS_ZOMBIE:
-                alive.append(child)
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
         except psutil.NoSuchProcess:
             pass
     return alive

@@ -13,7 +13,7 @@ import time
 from cifar_dist.config import load_config
 from cifar_dist.data.beton import checked_beton
 from cifar_dist.engine import checkpoint
-from conftest import REPO, SCRIPT, tiny_args
+from conftest import REPO, SCRIPT, running, tiny_args
 
 FULL_DISK = "tests/scripts/full_disk.py"
 SMALL = ["data.require_full_size=false", "data.num_workers=2"]
@@ -22,20 +22,6 @@ SMALL = ["data.require_full_size=false", "data.num_workers=2"]
 def run(cmd: list, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def running(processes: list) -> list:
-    """Those of processes (psutil) still running; zombies count as ended."""
-    import psutil
-
-    alive = []
-    for process in processes:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE:
-                alive.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 def test_ctrl_c_during_prepare_stops_the_writers_and_leaves_nothing(real_data_root, tmp_path):
