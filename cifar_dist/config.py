@@ -28,6 +28,20 @@ AT_LEAST_0, AT_LEAST_1, ABOVE_0, FRACTION, PROBABILITY = "[0, inf)", "[1, inf)",
 TTA_LEVELS = (0, 1, 2, "heavy")  # `engine.evaluation.tta_views` says what each level averages
 
 
+def parse_step_window(text: str) -> tuple[int, int] | None:
+    """'START:STOP' (train.profile) as (START, STOP) with 0 <= START < STOP; None when text is not that."""
+    start, sep, stop = str(text).partition(":")
+    if not (sep and start.strip().isdigit() and stop.strip().isdigit()) or int(start) >= int(stop):
+        return None
+    return int(start), int(stop)
+
+
+def _step_window_problem(text: str) -> str | None:
+    if text == "" or parse_step_window(text):
+        return None
+    return "empty or 'START:STOP', two step numbers with START < STOP (e.g. '10:15'; quote it in YAML)"
+
+
 def option(default, help: str, choices: tuple = (), range: str = "", check=None):
     """One config key as a dataclass field: its declaration (`keys.Key`) rides in the field's metadata."""
     key = Key(default, help, tuple(choices), range, check)
@@ -172,6 +186,10 @@ class TrainConfig:
                                       range=AT_LEAST_1)
     max_steps: int = option(0, "stop after this many optimizer steps, with last.pt written (0: no limit)",
                             range=AT_LEAST_0)
+    profile: str = option("", "'START:STOP': profile the optimizer steps after step START up to step STOP with "
+                          "torch.profiler: a Chrome/Perfetto trace and a table of the top operators in "
+                          "run.dir/profile/ (rank 0; empty: off)", check=_step_window_problem)
+    profile_all_ranks: bool = option(False, "train.profile on every rank, the files named per rank")
     tta: object = option(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + ±1 px "
                          "translations (airbench), heavy: 2 + ±2 px translations", TTA_LEVELS)
     tta_average: str = option("logits", "what TTA averages over the views, in training and in evaluate/predict/"
@@ -196,6 +214,8 @@ class WandbConfig:
 class LoggingConfig:
     print_every_steps: int = option(50, "a progress line every this many steps when not on a terminal")
     plot: bool = option(True, "redraw training_history.png each epoch")
+    tensorboard: bool = option(False, "also write each epoch's scalars as TensorBoard events in run.dir/tensorboard/ "
+                               "(needs the tensorboard package: pip install -e .[tensorboard])")
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -106,13 +106,56 @@ def test_overhead_reports_the_ratio_and_its_spread_per_model(bench_data, tmp_pat
     frame, markdown, _ = results_of(tmp_path, "overhead")
     assert list(frame.model) == ["fast", "attention_resnet"]
     for row in frame.itertuples():
-        ratios = [float(r) for r in row.ratios.split()]
-        assert len(ratios) == 3 and min(ratios) == pytest.approx(row.ratio_min, abs=1e-3)
-        assert row.ratio_min <= row.ratio_median <= row.ratio_max and row.ratio_min > 0
+        for ratios, low, middle, high in ((row.ratios, row.ratio_min, row.ratio_median, row.ratio_max),
+                                          (row.epoch_ratios, row.epoch_ratio_min, row.epoch_ratio_median,
+                                           row.epoch_ratio_max)):  # the steps, the whole epoch
+            ratios = [float(r) for r in ratios.split()]
+            assert len(ratios) == 3 and min(ratios) == pytest.approx(low, abs=1e-3)
+            assert low <= middle <= high and low > 0
         assert row.trainer_images_per_s > 0 and row.bare_images_per_s > 0 and (row.batch, row.steps) == (32, 3)
     assert list(frame.widths) == ["widths [8, 16, 16]", "width 4"]
-    check_markdown(markdown, "overhead", ["model", "widths", "batch", "amp", "compile", "ratio_median", "ratio_min",
-                                          "ratio_max", "trainer_images_per_s", "bare_images_per_s"])
+    assert frame.ema.iloc[0].startswith("decay 0.95 every 5")  # fast.yaml's EMA, on both sides
+    check_markdown(markdown, "overhead", ["model", "widths", "batch", "amp", "compile", "ema", "ratio_median",
+                                          "ratio_min", "ratio_max", "epoch_ratio_median", "trainer_images_per_s",
+                                          "bare_images_per_s"])
+    assert "torch.save of the same state" in markdown
+
+
+def test_timed_epochs_write_no_checkpoint_and_the_bare_loop_does_the_recipes_work(bench_data, tmp_path):
+    import torch
+
+    from cifar_dist.benchmarks.common import QUIET_RUN, bench_config, quiet_trainer, time_epoch
+    from cifar_dist.benchmarks.overhead import BareLoop
+    from cifar_dist.engine.build import build_run
+    from cifar_dist.engine.distributed import DistEnv
+
+    assert "train.checkpoint_interval_min=0" in QUIET_RUN
+    overrides = [SMALL, "model.widths=[8,16,16]", "train.global_batch_size=64", "data.train_subset=256",
+                 "train.checkpoint_interval_min=1e-6"]  # the timer due at every step: still nothing written
+    cfg = bench_config(REPO / "configs" / "smoke.yaml", str(bench_data), overrides, [f"run.dir={tmp_path / 'run'}"])
+    with quiet_trainer(cfg, DistEnv()) as trainer:
+        assert time_epoch(trainer) > 0 and trainer.progress.global_step == 4
+    assert not list((tmp_path / "run").glob("*.pt"))
+
+    bare = BareLoop(build_run(cfg, DistEnv()), cfg, tmp_path / "bare.pt")
+    ema_before = {key: value.clone() for key, value in bare.run.ema.module.state_dict().items()}
+    assert bare.epoch(whole=True) > 0 and bare.global_step == 4
+    assert any(not torch.equal(value, ema_before[key]) for key, value in bare.run.ema.module.state_dict().items())
+    assert {"model", "ema", "optimizer", "scheduler", "scaler"} <= torch.load(tmp_path / "bare.pt").keys()
+
+
+def test_loader_windows_leave_out_what_the_workers_prefetched(bench_data):
+    from cifar_dist.benchmarks.loader_throughput import prefetch_depth
+    from cifar_dist.config import load_config
+    from cifar_dist.engine.build import build_train_input
+    from cifar_dist.engine.distributed import DistEnv
+
+    def depth(*overrides) -> int:
+        cfg = load_config(None, [f"data.root={bench_data}", SMALL, "data.download=false", *overrides])
+        return prefetch_depth(build_train_input(cfg, DistEnv(), 32)[0])
+
+    assert depth("data.loader=torchvision", "data.num_workers=2") == 4  # DataLoader: workers × prefetch_factor 2
+    assert depth("data.loader=gpu") == 0
 
 
 def test_scaling_runs_one_and_two_ranks_weak_and_strong(bench_data, tmp_path):

@@ -121,3 +121,33 @@ def test_gpu_loader_on_cuda_gives_the_cpu_batches_and_augments_on_the_device(sma
         count += len(labels)
         assert transform(images).is_cuda
     assert count == 50
+
+
+def test_training_steps_never_wait_for_the_device(data_root, tmp_path):
+    """No host read on a step's critical path: steps 2 to 14 of an epoch (bf16, clipping, EMA with lookahead, the
+    flags agreed and masked on the device) run under torch.cuda.set_sync_debug_mode("error"), which raises at any
+    operation that waits for the device. The epoch's start (its order copied to the device) and end (the sums
+    read) lie outside that window; the flags are read through an event, which the mode allows."""
+    from cifar_dist.engine.trainer import Trainer
+
+    cfg = tiny_config(data_root, tmp_path, "train.epochs=1", "train.amp=true", "train.amp_dtype=bf16",
+                      "train.deterministic=false", "train.ema_every=2", "train.ema_lookahead=true",
+                      "logging.print_every_steps=0")
+    trainer = Trainer(cfg, DistEnv(device=torch.device("cuda", 0)), log=lambda *a, **k: None)
+    steps, timed = trainer.run.plan.steps_per_epoch, []
+    report_step = trainer.logger.step
+
+    def step(step_in_epoch, global_step, loss, lr):  # called after each optimizer step
+        report_step(step_in_epoch, global_step, loss, lr)
+        timed.append(step_in_epoch)
+        torch.cuda.set_sync_debug_mode("error" if step_in_epoch < steps else "default")
+
+    trainer.logger.step = step
+    try:
+        assert trainer.run_epoch(evaluate=False, save=False) is None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        trainer.close()
+    assert timed == list(range(1, steps + 1)) and steps == 14
+    assert trainer.progress.global_step == 14 and trainer.progress.nonfinite_total == 0
+    assert all(torch.isfinite(p).all() for p in trainer.run.model.parameters())

@@ -245,3 +245,105 @@ def test_average_and_ema_sync_give_the_mean_on_both_ranks(tmp_path):
         out = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert out["values"] == [[1.5, 1.5, 1.5], [5.0], [7]]  # the integer tensor is left alone
         assert out["weight"] == [2.0, 2.0] and out["running_mean"] == [2.0, 2.0]
+
+
+# --- the non-finite skip on the device and the flags read a step late ---------------------------------
+
+def _masked_run(optimizer_name: str):
+    """A tiny fast net with its optimizer, an EMA with lookahead and the MaskedStep over them, seeded alike."""
+    from cifar_dist.engine.masked_step import MaskedStep
+
+    cfg = load_config(None, ["model.name=fast", "model.widths=[8,16,16]", f"train.optimizer={optimizer_name}",
+                             "train.momentum=0.9"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer, _ = build_optimizer(model, cfg.train, 32, steps_per_epoch=10, total_steps=100)
+    ema = EMA(model, decay=0.8, every=1, lookahead=True)
+    return model, optimizer, ema, MaskedStep(optimizer, model, ema)
+
+
+def _set_grads(model: nn.Module, seed: int, scale: float = 1.0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=generator).to(memory_format=torch.preserve_format) * scale
+
+
+def _everything(model, optimizer, ema) -> dict:
+    """Every tensor a step may write, and the optimizer's host-side group values, copied."""
+    tensors = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.clone() for k, v in ema.module.state_dict().items()})
+    for i, p in enumerate(model.parameters()):
+        tensors.update({f"state{i}.{k}": v.clone() for k, v in optimizer.state[p].items()})
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {"tensors": tensors, "groups": groups}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["groups"] == b["groups"]
+    assert a["tensors"].keys() == b["tensors"].keys()
+    for key in a["tensors"]:
+        assert torch.equal(a["tensors"][key], b["tensors"][key]), key
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "muon"])
+def test_a_masked_step_is_the_plain_step_when_ok_and_leaves_every_bit_when_not(optimizer_name):
+    plain_model, plain_opt, plain_ema, _ = _masked_run(optimizer_name)
+    model, optimizer, ema, masked = _masked_run(optimizer_name)
+    ok, bad = torch.tensor(True), torch.tensor(False)
+
+    def plain_step(step: int, seed: int) -> None:
+        _set_grads(plain_model, seed)
+        plain_opt.step()
+        plain_ema.update(plain_model, step)
+
+    for step in (1, 2):  # the plain step and the masked one, with momentum and Muon's counters under way
+        plain_step(step, seed=step)
+        _set_grads(model, seed=step)
+        masked.step(ok, lambda: ema.update(model, step), ema_updates=True)
+        _assert_same(_everything(model, optimizer, ema), _everything(plain_model, plain_opt, plain_ema))
+
+    before = _everything(model, optimizer, ema)
+    _set_grads(model, seed=99, scale=float("nan"))  # a step whose gradient is NaN, masked out
+    changes = masked.step(bad, lambda: ema.update(model, 3), ema_updates=True)
+    masked.undo_host(changes)  # the host learns of the skip a step later
+    _assert_same(_everything(model, optimizer, ema), before)
+    assert (changes != []) == (optimizer_name == "muon")  # Muon counts its steps on the host
+
+    plain_step(3, seed=3)  # the skipped step never happened: the runs go on equal
+    _set_grads(model, seed=3)
+    masked.step(ok, lambda: ema.update(model, 3), ema_updates=True)
+    _assert_same(_everything(model, optimizer, ema), _everything(plain_model, plain_opt, plain_ema))
+
+
+def test_a_skipped_first_step_keeps_the_zero_momentum_it_starts_from():
+    model, optimizer, ema, masked = _masked_run("sgd")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    _set_grads(model, seed=0, scale=float("inf"))
+    masked.step(torch.tensor(False), lambda: None, ema_updates=False)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p.requires_grad]
+    assert buffers and all(not b.any() for b in buffers)
+
+
+def test_flags_count_nonfinite_steps_on_the_device_and_reach_the_host_later():
+    from cifar_dist.engine.step_flags import NonfiniteCount, agree
+
+    finite, nan, inf = torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(float("inf"))
+    count = NonfiniteCount(streak=0, total=5, device=torch.device("cpu"), scaler_enabled=False)
+    seen = []
+    for step, (loss, grad_norm) in enumerate([(finite, finite), (nan, nan), (finite, inf), (finite, finite),
+                                              (inf, finite)], start=1):
+        ok, pending = agree(step, loss, grad_norm, stop=2 if step == 4 else 0, checkpoint_due=step == 2,
+                            count=count, distributed=False)
+        flags = pending.read()
+        assert bool(ok) == (not flags.skipped) and flags.step == step
+        seen.append((flags.skipped, flags.counted, flags.streak, flags.total, flags.stop, flags.checkpoint_due))
+    assert seen == [(False, False, 0, 5, 0, False), (True, True, 1, 6, 0, True), (True, True, 2, 7, 0, False),
+                    (False, False, 0, 7, 2, False), (True, True, 1, 8, 0, False)]
+
+    scaled = NonfiniteCount(streak=1, total=1, device=torch.device("cpu"), scaler_enabled=True)
+    _, pending = agree(7, finite, inf, 0, False, scaled, distributed=False)  # an fp16 overflow: the scaler's
+    assert pending.read()[1:5] == (True, False, 1, 1)  # skipped, not counted, the streak kept
+    _, pending = agree(8, nan, finite, 0, False, scaled, distributed=False)
+    assert pending.read()[1:5] == (True, True, 2, 2)

@@ -1,4 +1,5 @@
-"""RunLogger: metric files, plot, progress lines, wandb offline / disabled / missing. CPU only, no network."""
+"""RunLogger: metric files, plot, progress lines and ETAs, TensorBoard, wandb offline / disabled / missing, the
+profiler's files. CPU only, no network."""
 from __future__ import annotations
 
 import io
@@ -16,7 +17,8 @@ import pandas as pd
 import pytest
 
 from cifar_dist.config import LoggingConfig, WandbConfig
-from cifar_dist.engine.run_log import RunLogger
+from cifar_dist.engine.run_log import RunLength, RunLogger, pace
+from conftest import tiny_args, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["airplane", "automobile", "bird"]
@@ -161,18 +163,110 @@ def test_fresh_logger_replaces_stale_metrics_file(tmp_path):
     assert _metrics_lines(tmp_path) == [_record(1)]
 
 
-def test_plain_progress_lines_every_print_every_steps(tmp_path, capsys):
-    logger = RunLogger(tmp_path, _cfg(print_every_steps=5), enabled=True, config_dict=CONFIG_DICT)
+def _seconds_per_call(monkeypatch, seconds: float) -> None:
+    """The ETAs' clock advances this much at each call (the epoch's start, then each step)."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(pace, "monotonic", lambda: seconds * next(ticks))
+
+
+def test_plain_progress_lines_every_print_every_steps_with_the_epoch_and_run_eta(tmp_path, capsys, monkeypatch):
+    _seconds_per_call(monkeypatch, 1.0)
+    # Epoch 3 of 5, 23 steps each: steps 47 to 69 of 115, 64 images a step.
+    logger = RunLogger(tmp_path, _cfg(print_every_steps=5), enabled=True, config_dict=CONFIG_DICT,
+                       length=RunLength(stop_step=115, steps_per_epoch=23, images_per_step=64))
     capsys.readouterr()
     logger.start_epoch(3, 23)
     for step_in_epoch in range(1, 24):
-        logger.step(step_in_epoch, 100 + step_in_epoch, 1.2345 + step_in_epoch, 0.0812)
+        logger.step(step_in_epoch, 46 + step_in_epoch, 1.2345 + step_in_epoch, 0.0812)
     captured = capsys.readouterr()
+    # The first two steps are warm-up, then 1 s a step: at step 5, 18 s left in the epoch, 115 - 51 = 64 in the run;
+    # after five timed steps (step 7, global 53) the run's estimate, once.
     assert captured.out.splitlines() == [
-        f"epoch 3 step {step}/23 loss {1.2345 + step:.4f} lr 0.0812" for step in (5, 10, 15, 20)
+        "epoch 3 step 5/23 loss 6.2345 lr 0.0812 | epoch ETA 18 s | run ETA 1 min 4 s",
+        "estimate: about 1 min 2 s for the 2.7 epochs left of 5 at 64 images/s (training steps; each epoch's "
+        "evaluation adds to it)",
+        "epoch 3 step 10/23 loss 11.2345 lr 0.0812 | epoch ETA 13 s | run ETA 59 s",
+        "epoch 3 step 15/23 loss 16.2345 lr 0.0812 | epoch ETA 8 s | run ETA 54 s",
+        "epoch 3 step 20/23 loss 21.2345 lr 0.0812 | epoch ETA 3 s | run ETA 49 s",
     ]
-    assert captured.out.splitlines()[0] == "epoch 3 step 5/23 loss 6.2345 lr 0.0812"
     assert captured.err == ""
+
+
+def test_without_the_run_length_the_lines_give_the_epoch_eta_only(tmp_path, capsys, monkeypatch):
+    _seconds_per_call(monkeypatch, 0.5)
+    logger = RunLogger(tmp_path, _cfg(print_every_steps=2), enabled=True, config_dict=CONFIG_DICT)
+    logger.start_epoch(1, 4)
+    for step_in_epoch in range(1, 5):
+        logger.step(step_in_epoch, step_in_epoch, 1.0, 0.1)
+    assert capsys.readouterr().out.splitlines() == ["epoch 1 step 2/4 loss 1.0000 lr 0.1",  # not timed yet
+                                                    "epoch 1 step 4/4 loss 1.0000 lr 0.1 | epoch ETA 0 s"]
+
+
+def test_a_run_of_more_than_a_day_points_to_the_speed_recipe_once(tmp_path, capsys, monkeypatch):
+    _seconds_per_call(monkeypatch, 2.0)  # 500 epochs of 98 steps at 2 s a step: 98,000 s
+    logger = RunLogger(tmp_path, _cfg(print_every_steps=0), enabled=True, config_dict=CONFIG_DICT,
+                       length=RunLength(stop_step=500 * 98, steps_per_epoch=98, images_per_step=512))
+    logger.start_epoch(1, 98)
+    for step_in_epoch in range(1, 30):
+        logger.step(step_in_epoch, step_in_epoch, 1.0, 0.1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("estimate: about 1 d 3 h for 500 epochs at 256 images/s (training steps; each epoch's "
+                        "evaluation adds to it)")
+    assert lines[1].startswith("note: that is more than a day on this machine") and len(lines) == 2
+    assert lines[1].endswith("./launch/train --config configs/fast.yaml")
+
+
+def test_tensorboard_events_hold_each_epochs_scalars_at_its_global_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def read_back():
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        return events
+
+    cfg = LoggingConfig(plot=False, tensorboard=True, wandb=WandbConfig(mode="disabled"))
+    logger = RunLogger(tmp_path, cfg, enabled=True, config_dict=CONFIG_DICT)
+    _run_epochs(logger, [1, 2, 3])
+    logger.log_final(FINAL, SCORES, CONFUSION, CLASS_NAMES)
+    logger.close()
+    events = read_back()
+    assert set(_record(1)) | {"grad_norm", "final/model_acc"} <= set(events.Tags()["scalars"])
+    for key in ("epoch", "train_loss", "val_acc", "images_per_s", "peak_memory_mb"):
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [10, 20, 30], key
+        assert [s.value for s in scalars] == pytest.approx([_record(e)[key] for e in (1, 2, 3)], rel=1e-6), key
+    assert [s.step for s in events.Scalars("grad_norm")] == [20]
+    assert [(s.step, s.value) for s in events.Scalars("final/model_acc")] == [(30, pytest.approx(0.76))]
+
+    # A resume from the checkpoint of epoch 2 (the process died after logging epoch 3): what came after step 20
+    # is dropped from the display, and epoch 3 is there once, as the resumed run logged it.
+    resumed = RunLogger(tmp_path, cfg, enabled=True, config_dict=CONFIG_DICT)
+    resumed.load_history([_record(1), _record(2)])
+    resumed.end_epoch({**_record(3), "train_loss": 0.125})
+    resumed.close()
+    events = read_back()
+    assert [(s.step, s.value) for s in events.Scalars("train_loss")] == [
+        (10, pytest.approx(_record(1)["train_loss"])), (20, pytest.approx(_record(2)["train_loss"])), (30, 0.125)]
+    assert events.Scalars("final/model_acc") == []
+
+
+def test_tensorboard_without_its_package_is_a_one_line_config_error(monkeypatch):
+    import importlib.util
+
+    from cifar_dist.config import load_config
+    from cifar_dist.engine.build import preflight
+    from cifar_dist.errors import ConfigError
+
+    cfg = load_config(None, ["model.name=fast", "data.loader=gpu", "logging.tensorboard=true"])
+    preflight(cfg)  # installed: no error
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    with pytest.raises(ConfigError) as error:
+        preflight(cfg)
+    message = str(error.value)
+    assert "'tensorboard' package" in message and "pip install -e .[tensorboard]" in message
+    assert "logging.tensorboard=false" in message and "\n" not in message
 
 
 def test_terminal_gets_a_bar_and_no_plain_lines(tmp_path, capsys, monkeypatch):
@@ -347,3 +441,20 @@ def test_wandb_missing_is_an_actionable_error(tmp_path):
     assert "pip install -e .[wandb]" in message
     assert "logging.wandb.mode=disabled" in message
     assert "logging.wandb.mode=offline" in message
+
+
+def test_profile_writes_a_trace_and_the_top_operators_and_attaches_them_to_wandb(data_root, tmp_path):
+    pytest.importorskip("wandb")
+    result = train(tiny_args(data_root, tmp_path, "train.epochs=1", "train.profile=2:4", "logging.wandb.mode=offline"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trace, table = tmp_path / "profile" / "steps_2-4_rank0.trace.json", tmp_path / "profile" / "steps_2-4_rank0.top_ops.txt"
+    assert f"profile: {trace}, {table}" in result.stdout
+    names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    assert "aten::convolution" in names and "aten::convolution_backward" in names
+    assert {"ProfilerStep#0", "ProfilerStep#1"} <= names and "ProfilerStep#2" not in names  # steps 3 and 4
+    assert "Self CPU" in table.read_text() and "aten::" in table.read_text()
+    (wandb_file,) = (tmp_path / "wandb").glob("offline-run-*/*.wandb")
+    artifacts = [r.artifact for r in _read_wandb_records(wandb_file) if r.WhichOneof("record_type") == "artifact"
+                 and r.artifact.type == "profile"]
+    assert [sorted(entry.path for entry in a.manifest.contents) for a in artifacts] == [
+        ["profile/steps_2-4_rank0.top_ops.txt", "profile/steps_2-4_rank0.trace.json"]]

@@ -35,8 +35,10 @@ from cifar_dist.tables import markdown_table
 
 DEFAULT_RESULTS = Path("benchmarks") / "results"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when running from one
-# Settings every benchmark run gets: no downloads, no plots or wandb, a fresh run each time.
-QUIET_RUN = ("data.download=false", "logging.plot=false", "logging.wandb.mode=disabled", "train.resume=never")
+# Settings every benchmark run gets: no downloads, no plots or wandb, a fresh run each time, no checkpoint on
+# the timer (one would land in whichever timed epoch the clock picks).
+QUIET_RUN = ("data.download=false", "logging.plot=false", "logging.wandb.mode=disabled", "train.resume=never",
+             "train.checkpoint_interval_min=0")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:

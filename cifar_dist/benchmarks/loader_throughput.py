@@ -12,9 +12,12 @@ Augmentation sets: none; crop+flip (4 px reflect crop, random flip); reference (
 defaults: crop, flip, rotation, colour jitter, perspective); reference+mix (and mixup/cutmix 0.3/0.3).
 
 Each cell runs `--warmup-batches` untimed batches first: they hold the one-off costs, FFCV's numba
-compilation (~10 s in a fresh process) and the DataLoader's worker start-up. Then at least
-`--images` images are timed (CUDA synchronised at both ends). With `--repeats R` every cell is
-timed R times, round-robin, and the median window is reported.
+compilation (~10 s in a fresh process) and the DataLoader's worker start-up. The workers keep
+loading while the warm-up runs, so the batches a loader may hold ready by then (its prefetch depth:
+a DataLoader's workers × prefetch_factor, FFCV's batches in flight) are taken untimed too: made
+before the window, they would count as loaded in no time. Then at least `--images` images are
+timed (CUDA synchronised at both ends). With `--repeats R` every cell is timed R times,
+round-robin, and the median window is reported.
 
     cifar-dist bench loader_throughput [--data-root DIR] [--beton-dir DIR] [--batch-size 512]
         [--images N] [--loaders torchvision,ffcv,gpu] [--augment none,crop+flip,reference,reference+mix]
@@ -99,14 +102,28 @@ def batches(loader, start_epoch: int):
         epoch += 1
 
 
+def prefetch_depth(loader) -> int:
+    """Batches a loader may have made before they are asked for: a DataLoader's workers × prefetch_factor, the
+    batches FFCV keeps in flight (batches_ahead, and the two it is handing over); none for the gpu loader, which
+    gathers each batch when asked."""
+    inner = getattr(loader, "loader", None)
+    if isinstance(inner, torch.utils.data.DataLoader):
+        return inner.num_workers * (inner.prefetch_factor or 0)
+    if hasattr(inner, "batches_ahead"):
+        return inner.batches_ahead + 2
+    return 0
+
+
 def time_window(loader, augment, device: torch.device, images_wanted: int, warmup_batches: int,
                 seed: int, start_epoch: int) -> tuple[int, float]:
-    """(images, seconds) for the first whole batches reaching images_wanted after the warm-up."""
+    """(images, seconds) for the first whole batches reaching images_wanted after the warm-up and the batches
+    prefetched during it."""
     stream = batches(loader, start_epoch)
     images_done, started = 0, None
+    untimed = warmup_batches + prefetch_depth(loader)
     try:
         for index, (epoch, step, images, labels) in enumerate(stream):
-            if index == warmup_batches:
+            if index == untimed:
                 synchronize(device)
                 started = time.perf_counter()
             out, targets = augment(images, labels, make_generator(seed, 0, epoch, step, device), epoch)
@@ -177,8 +194,9 @@ def main(argv=None) -> int:
                                              if len(base_rows) else float("nan"))
     rules = [
         f"batch {args.batch_size}; the first {args.warmup_batches} batches of each cell untimed (FFCV's numba "
-        f"compilation, worker start-up), then at least {args.images} images timed; median of {args.repeats} "
-        "round-robin window(s); CUDA synchronised at both ends",
+        "compilation, worker start-up), and the batches the loader prefetched meanwhile (workers x "
+        f"prefetch_factor, FFCV's batches in flight); then at least {args.images} images timed; median of "
+        f"{args.repeats} round-robin window(s); CUDA synchronised at both ends",
         "each cell ends in normalised float batches with soft targets, built by engine/build.py's build_train_input",
         f"workers: DataLoader processes (torchvision) or threads (ffcv); the gpu loader has none (0); "
         f"vs_torchvision: against torchvision with {most} workers and the same augmentation set",

@@ -26,8 +26,11 @@ from cifar_dist.data.loaders import GpuLoader, build_loader
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.engine.ema import EMA, NoEMA
 from cifar_dist.engine.optim import build_optimizer, check_optimizer_fits, sgd_rates
+from cifar_dist.engine.run_log.tensorboard_sink import check_tensorboard
 from cifar_dist.hardware import device_name
 from cifar_dist.models import build_model
+from cifar_dist.models.summary import training_flops_per_image
+from cifar_dist.peak_flops import find_peak, peak_tflops
 
 
 
@@ -58,6 +61,9 @@ class RunPlan:
     ema: str
     model: str
     parameters: int
+    train_flops_per_image: int = 0  # 3 × the forward FLOPs of one image (models/summary.py), counted once here
+    peak_tflops: float = 0.0  # dense peak of one device at the training dtype (peak_flops.py); 0: unknown
+    mfu: str = ""  # what an epoch's MFU is measured against, or why there is none
     stop_step: int = 0  # the step this launch stops at: total_steps, or train.max_steps when that comes first
     run_dir: str = ""
 
@@ -102,14 +108,35 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def peak_dtype(amp_dtype: torch.dtype | None, device: torch.device) -> str:
+    """The peak an MFU compares with: the autocast dtype's, else TF32 where cuDNN may use it for float32
+    convolutions (its default on Ampere and later), else plain float32."""
+    if amp_dtype is not None:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
+
+
+def resolve_peak(name: str, dtype: str, world_size: int) -> tuple[float, str]:
+    """(dense peak TFLOPS of one device, 0 when unknown; the plan's words for it)."""
+    tflops = peak_tflops(name, dtype)
+    if tflops is None and dtype == "tf32":  # no TF32 (Volta, Turing): float32 runs as float32
+        dtype, tflops = "fp32", peak_tflops(name, "fp32")
+    if tflops is None:
+        return 0.0, (f"unknown peak for {name} at {dtype}, so no MFU (cifar_dist/peak_flops.py lists the known "
+                     "devices and dtypes)")
+    return tflops, (f"against {tflops:g} TFLOPS per device ({find_peak(name).label}, {dtype} dense, vendor datasheet) "
+                    f"x {world_size}")
+
+
 def preflight(cfg: Config) -> None:
     """The checks beyond the config's own: the model builds and has what the optimizer needs, the loader
-    supports the recipe."""
+    supports the recipe, an optional package a logging key asks for is installed."""
     if cfg.model.num_classes != NUM_CLASSES:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes}, but CIFAR-10 has {NUM_CLASSES} classes: the "
                           f"labels would not fit the head; set model.num_classes={NUM_CLASSES}")
     check_optimizer_fits(build_model(cfg.model), cfg.train)
     check_loader_support(cfg.augment, cfg.data.loader)
+    check_tensorboard(cfg.logging.tensorboard)
 
 
 def build_train_input(cfg: Config, env: DistEnv, micro_batch: int) -> tuple[object, TrainAugment]:
@@ -217,6 +244,9 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
         return torch.cat(images)[:tc.whiten_images]
 
     model = build_model_for(cfg, device, tc.channels_last, sync_bn, whitening_images)
+    train_flops = training_flops_per_image(model, device)
+    name = device_name(device)
+    peak, mfu_words = resolve_peak(name, peak_dtype(amp_dtype, device), env.world_size)
     optimizer, scheduler = build_optimizer(model, tc, tc.global_batch_size, steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net = wrap(model, env, tc.compile, tc.compile_mode)
@@ -227,7 +257,7 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
         total_steps=total_steps, lookahead=tc.ema_lookahead)
     loss_scale = env.world_size if tc.loss_reduction == "sum" else 1 / (micro_batch * tc.grad_accum_steps)
     plan = RunPlan(
-        world_size=env.world_size, device=str(device), device_name=device_name(device), loader=cfg.data.loader,
+        world_size=env.world_size, device=str(device), device_name=name, loader=cfg.data.loader,
         train_images=train_loader.split_size, eval_split=eval_split, eval_images=eval_loader.split_size,
         global_batch_size=tc.global_batch_size, micro_batch_size=micro_batch, grad_accum_steps=tc.grad_accum_steps,
         steps_per_epoch=steps_per_epoch, epochs=tc.epochs, total_steps=total_steps,
@@ -239,6 +269,7 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
         ema=(f"decay {tc.ema_decay} every {tc.ema_every} ramp {tc.ema_ramp}"
              f"{' lookahead' if tc.ema_lookahead else ''}" if ema.enabled else "off"),
         model=cfg.model.name, parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        train_flops_per_image=train_flops, peak_tflops=peak, mfu=mfu_words,
         stop_step=min(total_steps, tc.max_steps) if tc.max_steps else total_steps)
     return Run(plan, train_loader, eval_loader, augment, eval_transform, model, net, ema, optimizer, scheduler,
                scaler, autocast_context(device, amp_dtype), loss_scale)

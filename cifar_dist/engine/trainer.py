@@ -3,7 +3,9 @@
 The run is assembled by `engine.build` and saved by `engine.checkpoint`. Randomness is derived
 from (seed, rank, epoch, step) at every step, so a resumed run needs no RNG stream from the past
 and continues bitwise like an uninterrupted one (train.deterministic=true). Stop, checkpoint and
-non-finite flags are agreed by all ranks once per step, so every rank takes the same branch.
+non-finite flags are agreed by all ranks at every step (`engine.step_flags`): a non-finite step is
+masked out on the device (`engine.masked_step`), and the host reads the flags one step late, so no
+step waits for the device and every rank takes the same branch at the same step.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import contextlib
 import enum
 import time
 from itertools import islice
-from typing import NamedTuple
 
 import torch
 
@@ -24,14 +25,18 @@ from cifar_dist.engine.checkpoint import Progress, float_buffers
 from cifar_dist.engine.distributed import DistEnv, all_reduce_, average_tensors_, broadcast_object
 from cifar_dist.engine.evaluation import score_split
 from cifar_dist.engine.loss import soft_target_cross_entropy
-from cifar_dist.engine.run_log import RunLogger
+from cifar_dist.engine.masked_step import MaskedStep
+from cifar_dist.engine.profiling import StepProfiler
+from cifar_dist.engine.run_log import RunLength, RunLogger
 from cifar_dist.engine.run_log.wandb_sink import check_wandb
 from cifar_dist.engine.run_dir import RunFolder, resolve_run_dir
+from cifar_dist.engine.step_flags import NonfiniteCount, PendingFlags, StepFlags, agree
 from cifar_dist.engine.stopping import INTERRUPT, StopRequests
 from cifar_dist.errors import ConfigError, ExitCode, UserError, one_line
 from cifar_dist.outputs import check_writable
 from cifar_dist.run_files import BEST, BEST_EMA, LAST
 from cifar_dist.metrics import per_class_scores
+from cifar_dist.peak_flops import mfu
 
 
 class Outcome(enum.Enum):
@@ -54,14 +59,6 @@ class Outcome(enum.Enum):
     @property
     def status(self) -> str:
         return self.value[2]
-
-
-class StepFlags(NamedTuple):
-    """What all ranks agreed on after a step (the maximum over ranks)."""
-    loss_nonfinite: bool
-    grad_nonfinite: bool
-    stop: int  # 0, stopping.PREEMPT or stopping.INTERRUPT
-    checkpoint_due: bool
 
 
 class EpochMeter:
@@ -110,13 +107,20 @@ class Trainer:
         self.log("run plan:\n" + "\n".join(self.run.plan.lines()))
         if self.run.plan.eval_split == "test":
             self.log("data.val_fraction=0: no val split, so each epoch is evaluated on the test split")
+        plan = self.run.plan
         self.logger = RunLogger(self.run_dir, cfg.logging, enabled=env.is_main, config_dict=config_to_dict(cfg),
-                                wandb_run_id=self.progress.wandb_run_id)
+                                wandb_run_id=self.progress.wandb_run_id,
+                                length=RunLength(plan.stop_step, plan.steps_per_epoch, plan.global_batch_size))
         self.progress.wandb_run_id = self.logger.wandb_run_id
         if self.progress.history:
             self.logger.load_history(self.progress.history)
         self.stops = StopRequests(self.log)
         self.last_checkpoint_time = time.monotonic()
+        self.masked = MaskedStep(self.run.optimizer, self.run.model, self.run.ema)
+        self.nonfinite = NonfiniteCount(self.progress.nonfinite_streak, self.progress.nonfinite_total, env.device,
+                                        self.run.scaler.is_enabled())
+        self.pending: PendingFlags | None = None  # the flags of the last step, on their way to the host
+        self.profiler = StepProfiler(cfg.train.profile, self.run_dir, env, cfg.train.profile_all_ranks)
 
     def _agree_on_problem(self, problem: str | None) -> None:
         """Every rank raises rank 0's ConfigError (collective), so all stop together."""
@@ -158,7 +162,8 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Finish the reports (the progress bar, wandb) and let go of the run folder."""
+        """Finish the reports (a profile still recording, the progress bar, wandb) and let go of the run folder."""
+        self._report_profile(self.profiler.close())
         self.logger.close()
         self.folder.release()
 
@@ -197,7 +202,7 @@ class Trainer:
             if outcome is not None:
                 return outcome
             results = self._end_epoch()
-            stop = self._agree().stop  # a signal that came during evaluation
+            stop = self._agree_on_stop()  # a signal that came during evaluation
             if stop:
                 return Outcome.INTERRUPTED if stop == INTERRUPT else Outcome.PREEMPTED
             if max_steps and p.global_step >= max_steps:
@@ -231,6 +236,8 @@ class Trainer:
         step_loss = torch.zeros((), device=self.env.device)
         for micro_step, (images, labels) in enumerate(islice(run.train_loader, start * accum, end * accum),
                                                      start=start * accum):
+            if micro_step % accum == 0:
+                self.profiler.before_step(p.global_step)
             inputs, targets = run.augment(images, labels, self._seed_step(micro_step), epoch=p.epoch)
             last_micro = (micro_step + 1) % accum == 0
             with contextlib.nullcontext() if last_micro or not self.env.distributed else run.net.no_sync():
@@ -242,25 +249,28 @@ class Trainer:
             step_loss += losses.detach().sum()
             if not last_micro:
                 continue
-            flags = self._optimizer_step(step_loss)
-            if p.nonfinite_streak >= tc.max_nonfinite_steps:
-                self.log(f"error: {p.nonfinite_streak} consecutive steps with a non-finite loss (limit "
-                         f"train.max_nonfinite_steps={tc.max_nonfinite_steps}); stopping. The last good checkpoint "
-                         f"{self.run_dir / LAST} is intact: lower train.lr or enable gradient clipping")
-                return Outcome.DIVERGED
+            previous = self._optimizer_step(step_loss)  # the flags of the step before this one
             step_loss = torch.zeros((), device=self.env.device)
+            self._report_profile(self.profiler.after_step(p.global_step))
+            if self._diverged(previous):
+                return Outcome.DIVERGED
             step_in_epoch = p.global_step - p.epoch * steps
             self.logger.step(step_in_epoch, p.global_step, losses.detach().mean(), run.scheduler.get_last_lr()[0])
+            stop, due = (previous.stop, previous.checkpoint_due) if previous else (0, False)
             reached_max = tc.max_steps and p.global_step >= tc.max_steps
-            if (flags.stop or flags.checkpoint_due and save or reached_max) and step_in_epoch < end:
+            if (stop or due and save or reached_max) and step_in_epoch < end:
+                if self._diverged(self._settle()):  # this step's own flags, before its state is kept
+                    return Outcome.DIVERGED
                 p.partial_epoch = meter.totals()
                 if save:
                     self.save(LAST)
                     self.log(f"checkpoint: {self.run_dir / LAST} at step {p.global_step}")
-                if flags.stop:
-                    return Outcome.INTERRUPTED if flags.stop == INTERRUPT else Outcome.PREEMPTED
+                if stop:
+                    return Outcome.INTERRUPTED if stop == INTERRUPT else Outcome.PREEMPTED
                 if reached_max:
                     return Outcome.MAX_STEPS
+        if self._diverged(self._settle()):
+            return Outcome.DIVERGED
         p.partial_epoch = meter.totals()
         return None
 
@@ -275,46 +285,88 @@ class Trainer:
             torch.cuda.manual_seed(dropout_seed)
         return make_generator(seed, rank, epoch, micro_step, self.env.device)
 
-    def _agree(self, loss: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None) -> StepFlags:
-        """One small all-reduce and one host sync per step; the finiteness checks stay on the device."""
-        interval_s = self.cfg.train.checkpoint_interval_min * 60
-        due = interval_s > 0 and time.monotonic() - self.last_checkpoint_time > interval_s
-        flags = torch.tensor([0.0, 0.0, self.stops.kind, due], dtype=torch.float32, device=self.env.device)
-        if loss is not None:
-            flags[0] = (~torch.isfinite(loss)).float()
-            flags[1] = (~torch.isfinite(grad_norm)).float()
-        all_reduce_(flags, op=torch.distributed.ReduceOp.MAX)
-        loss_nonfinite, grad_nonfinite, stop, checkpoint_due = flags.tolist()
-        return StepFlags(bool(loss_nonfinite), bool(grad_nonfinite), int(stop), bool(checkpoint_due))
+    def _agree(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, PendingFlags]:
+        """This step's flags, agreed by all ranks in one small all-reduce on the device; (ok, pending): ok masks the
+        step on the device, pending carries the flags to the host, which reads them after the next step."""
+        return agree(self.progress.global_step + 1, loss, grad_norm, self.stops.kind, self._checkpoint_due(),
+                     self.nonfinite, self.env.distributed)
 
-    def _optimizer_step(self, step_loss: torch.Tensor) -> StepFlags:
-        """Unscale, clip, step. A non-finite loss skips the step and counts toward the limit; an fp16
-        overflow of the gradient is the scaler's business (it skips and lowers its scale)."""
+    def _checkpoint_due(self) -> bool:
+        """train.checkpoint_interval_min has passed since the last checkpoint or the last time it was asked for
+        (the checkpoint it asks for comes a step later)."""
+        interval_s, now = self.cfg.train.checkpoint_interval_min * 60, time.monotonic()
+        if interval_s > 0 and now - self.last_checkpoint_time > interval_s:
+            self.last_checkpoint_time = now
+            return True
+        return False
+
+    def _agree_on_stop(self) -> int:
+        """The stop request of any rank, now (collective, with a host read: between epochs only)."""
+        if not self.env.distributed:
+            return self.stops.kind
+        kind = torch.tensor([self.stops.kind], device=self.env.device)
+        all_reduce_(kind, op=torch.distributed.ReduceOp.MAX)
+        return int(kind.item())
+
+    def _optimizer_step(self, step_loss: torch.Tensor) -> StepFlags | None:
+        """Unscale, clip, step: with no host read. A non-finite loss or gradient masks the step out on the device
+        (`MaskedStep`) and counts toward train.max_nonfinite_steps; an fp16 overflow of the gradient is masked out
+        too but not counted: it is the scaler's business (it lowers its scale). The schedule steps either way.
+        Returns the flags of the step before, read now that this one is queued (None at a launch's first)."""
         run, tc, p = self.run, self.cfg.train, self.progress
         run.scaler.unscale_(run.optimizer)
         params = [q for q in run.model.parameters() if q.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip_norm or float("inf"))
-        flags = self._agree(step_loss, grad_norm)
-        counted = flags.loss_nonfinite or (flags.grad_nonfinite and not run.scaler.is_enabled())
-        if counted:
-            p.nonfinite_streak += 1
-            p.nonfinite_total += 1
-            self.log(f"warning: non-finite loss or gradient at step {p.global_step}: step skipped "
-                     f"({p.nonfinite_streak} in a row)")
-        else:
-            run.scaler.step(run.optimizer)  # skips by itself after an fp16 overflow
+        ok, pending = self._agree(step_loss, grad_norm)
+        previous = self._settle()  # waits for the step before this one only
+        step = p.global_step + 1
+        pending.host_changes = self.masked.step(ok, lambda: run.ema.update(run.model, step),
+                                                ema_updates=run.ema.enabled and step % run.ema.every == 0)
+        self.pending = pending
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
-        p.global_step += 1
-        if not (counted or flags.grad_nonfinite):
-            p.nonfinite_streak = 0
-            run.ema.update(run.model, p.global_step)
+        p.global_step = step
         if p.global_step == run.plan.total_steps:
             run.ema.finish(run.model)
+        return previous
+
+    def _settle(self) -> StepFlags | None:
+        """Read the flags of the last step taken (waiting for that step only) and take them in: the skip's count
+        and warning, and the host values a skipped step changed put back. None when there are none."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        flags = pending.read()
+        p = self.progress
+        p.nonfinite_streak, p.nonfinite_total = flags.streak, flags.total
+        if flags.skipped:
+            self.masked.undo_host(pending.host_changes)
+        if flags.counted:
+            self.log(f"warning: non-finite loss or gradient at step {flags.step}: step skipped "
+                     f"({flags.streak} in a row)")
         return flags
 
+    def _diverged(self, flags: StepFlags | None) -> bool:
+        """Whether flags end the run: train.max_nonfinite_steps non-finite steps in a row (said once, here)."""
+        limit = self.cfg.train.max_nonfinite_steps
+        if flags is None or flags.streak < limit:
+            return False
+        self.log(f"error: {flags.streak} consecutive steps with a non-finite loss (limit "
+                 f"train.max_nonfinite_steps={limit}); stopping. The last good checkpoint "
+                 f"{self.run_dir / LAST} is intact: lower train.lr or enable gradient clipping")
+        return True
+
+    def _report_profile(self, files: list) -> None:
+        """Say where the profiler wrote, and attach the files to the wandb run."""
+        if files:
+            self.log("profile: " + ", ".join(map(str, files)))
+            self.logger.attach(files)
+
     def save(self, *names: str) -> None:
+        """Write the run's state under names in run.dir (collective); the flags of the last step are taken in
+        first, so that the progress saved counts it."""
+        self._settle()
         state = checkpoint.capture(self.run, self.progress, self.cfg, self.env)  # collective
         if self.env.is_main:
             for name in names:
@@ -367,6 +419,8 @@ class Trainer:
     def _epoch_record(self, epoch, sums: dict, results: dict[str, dict]) -> dict:
         """One line of metrics.jsonl: the epoch's training sums (over all ranks) and its evaluation."""
         count, seconds = max(sums["count"], 1), max(sums["seconds"], 1e-9)
+        plan = self.run.plan
+        tflops = plan.train_flops_per_image * sums["count"] / seconds / 1e12
         record = {
             "epoch": epoch, "global_step": self.progress.global_step,
             "train_loss": sums["loss"] / count, "train_acc": sums["correct"] / count,
@@ -374,7 +428,11 @@ class Trainer:
             "val_count": results["model"]["count"], "lr": self.run.scheduler.get_last_lr()[0],
             "images_per_s": sums["count"] / seconds, "epoch_s": sums["seconds"],
             "peak_memory_mb": peak_memory_mb(self.env.device), "nonfinite_steps": self.progress.nonfinite_total,
+            "tflops": tflops,
         }
+        utilisation = mfu(tflops, plan.peak_tflops * plan.world_size)
+        if utilisation is not None:
+            record["mfu"] = utilisation
         if "ema" in results:
             record.update(ema_val_loss=results["ema"]["loss"], ema_val_acc=results["ema"]["acc"])
         return record

@@ -56,11 +56,22 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def forward_flops_per_image(model: torch.nn.Module, device) -> int:
-    """FLOPs of one eval-mode forward pass on one image, counting 2 per multiply-accumulate."""
+    """FLOPs of one eval-mode forward pass on one image, counting 2 per multiply-accumulate; the model is left
+    in the mode it was in."""
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.eval()(torch.zeros(1, *IMAGE_SHAPE, device=device))
+    was_training = model.training
+    try:
+        with counter, torch.no_grad():
+            model.eval()(torch.zeros(1, *IMAGE_SHAPE, device=device))
+    finally:
+        model.train(was_training)
     return counter.get_total_flops()
+
+
+def training_flops_per_image(model: torch.nn.Module, device) -> int:
+    """FLOPs of one training step per image: the forward pass and a backward pass of twice its FLOPs (the
+    gradients of the activations and of the weights), the usual 3 × forward of MFU figures."""
+    return 3 * forward_flops_per_image(model, device)
 
 
 def _training_step(model: torch.nn.Module, images: torch.Tensor) -> None:

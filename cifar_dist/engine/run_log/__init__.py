@@ -1,17 +1,27 @@
 """Everything a training run reports, on rank 0 only: `RunLogger` hands each event to its sinks.
 
 Sinks (`LogSink` subclasses, each a no-op where it has nothing to do):
-  terminal.py    progress bar on a terminal or plain lines for logs, the epoch summary, the final tables
+  terminal.py    progress bar on a terminal or plain lines with ETAs for logs (pace.py times the steps), the
+                 whole run's estimate once, the epoch summary, the final tables
   files.py       the run folder: metrics.jsonl, summary.csv, training_history.png, final.json,
                  per_class.csv, confusion_matrix.csv (names and shared writers in `cifar_dist.run_files`)
   wandb_sink.py  a wandb run (online or offline), continued across resumes by its id
+  tensorboard_sink.py  TensorBoard events in run.dir/tensorboard/ (logging.tensorboard=true)
 The logger keeps the history (one record per epoch), which a resumed run takes from its checkpoint.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from cifar_dist.config import LoggingConfig
+
+
+class RunLength(NamedTuple):
+    """What the ETAs need to know of the run."""
+    stop_step: int  # the global step this launch ends at
+    steps_per_epoch: int
+    images_per_step: int
 
 
 class LogSink:
@@ -32,6 +42,10 @@ class LogSink:
     def final(self, final: dict, scores: dict[str, dict], confusion, class_names) -> None:
         pass
 
+    def attach(self, paths: list[Path]) -> None:
+        """Files of the run worth keeping with its record (the profiler's)."""
+        pass
+
     def close(self) -> None:
         pass
 
@@ -40,8 +54,9 @@ class RunLogger:
     """Progress, metric files, plots and wandb for one run; every method is a no-op unless enabled."""
 
     def __init__(self, run_dir: Path, cfg: LoggingConfig, enabled: bool, config_dict: dict,
-                 wandb_run_id: str | None = None):
-        """enabled: True on rank 0 only. wandb_run_id: the id stored in a checkpoint, to continue its run."""
+                 wandb_run_id: str | None = None, length: RunLength | None = None):
+        """enabled: True on rank 0 only. wandb_run_id: the id stored in a checkpoint, to continue its run.
+        length: for the whole run's ETA (without it the progress lines give the epoch's only)."""
         from cifar_dist.engine.run_log.files import RunFiles
         from cifar_dist.engine.run_log.terminal import Terminal
 
@@ -52,7 +67,11 @@ class RunLogger:
         if not enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.sinks = [Terminal(cfg.print_every_steps), RunFiles(Path(run_dir), cfg.plot)]
+        self.sinks = [Terminal(cfg.print_every_steps, length), RunFiles(Path(run_dir), cfg.plot)]
+        if cfg.tensorboard:
+            from cifar_dist.engine.run_log.tensorboard_sink import TensorBoardRun
+
+            self.sinks.append(TensorBoardRun(Path(run_dir)))
         if cfg.wandb.mode != "disabled":
             from cifar_dist.engine.run_log.wandb_sink import WandbRun
 
@@ -93,6 +112,11 @@ class RunLogger:
         {weights: metrics.per_class_scores(...)}; confusion[actual][predicted] of the model."""
         for sink in self.sinks:
             sink.final(final, scores, confusion, class_names)
+
+    def attach(self, paths: list[Path]) -> None:
+        """Keep these files with the run's record where a sink can (wandb saves them with its run)."""
+        for sink in self.sinks:
+            sink.attach(paths)
 
     def close(self) -> None:
         """Close the progress bar, finish the wandb run and wait until wandb has written it."""

@@ -75,6 +75,7 @@ class WandbRun(LogSink):
             print(f"warning: wandb server {base_url} is not reachable within {PROBE_TIMEOUT_S:.0f} s; "
                   "logging offline instead (upload later with `wandb sync`)", flush=True)
             mode = "offline"
+        self.run_dir = Path(run_dir)
         resuming = run_id is not None
         # Chosen here rather than by wandb so that the first checkpoint can already store it.
         self.run_id = run_id or "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
@@ -109,6 +110,15 @@ class WandbRun(LogSink):
             {"title": "Confusion matrix"})
         self.run.log({"per_class": wandb.Table(columns=columns, data=rows), "confusion_matrix": confusion_chart,
                       **{f"final/{kind}_acc": r["acc"] for kind, r in (final or {}).items()}})
+
+    def attach(self, paths: list[Path]) -> None:
+        """The files as one artifact of the run (uploaded with it, or by `wandb sync` when offline)."""
+        import wandb
+
+        artifact = wandb.Artifact(f"{paths[0].parent.name}-{self.run.id}", type=paths[0].parent.name)
+        for path in paths:
+            artifact.add_file(str(path), name=str(Path(path).relative_to(self.run_dir)))
+        self.run.log_artifact(artifact)
 
     def close(self) -> None:
         import wandb
