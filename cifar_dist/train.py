@@ -16,7 +16,7 @@ RESUME_PREFIX_ENV = "CIFAR_DIST_COMMAND"  # how the user launched us, for the re
 def resume_command(config_path: str | None, overrides: list[str], run_dir) -> str:
     """One command to copy that continues the run: the same arguments with run.dir pinned."""
     prefix = shlex.split(os.environ.get(RESUME_PREFIX_ENV, "cifar-dist train"))
-    kept = [o for o in overrides if not o.startswith("run.dir=")]
+    kept = [o for o in overrides if not o.startswith(("run.dir=", "train.resume="))]  # resume: auto
     return shlex.join([*prefix, *(["--config", config_path] if config_path else []), *kept, f"run.dir={run_dir}"])
 
 
