@@ -52,19 +52,20 @@ class RunFolder:
         self.lock_file = None
         self.log_copy = None
 
-    def holder(self) -> str | None:
-        """'host H, process P (since T)' when another process holds the folder, else None."""
+    def busy(self) -> str | None:
+        """Why this run cannot have the folder, naming the host and process that hold it; None when free."""
         if not is_locked(self.path):
             return None
         try:
             who = json.loads((self.path / run_files.LOCK).read_text())
-            return f"host {who['host']}, process {who['pid']} (since {who['since']})"
+            holder = f"host {who['host']}, process {who['pid']} (since {who['since']})"
         except (OSError, ValueError, KeyError):
-            return "another process"
+            holder = "another process"
+        return (f"run.dir {self.path} is being written by another training ({holder}); wait for it to end, "
+                "stop it, or choose another run.dir")
 
     def claim(self) -> None:
         """Create the folder and take its lock; ConfigError naming the holder when another run has it."""
-        busy = f"run.dir {self.path} is being written by another training"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             lock_file = open(self.path / run_files.LOCK, "a+")
@@ -75,8 +76,7 @@ class RunFolder:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock_file.close()
-            raise ConfigError(f"{busy} ({self.holder() or 'another process'}); wait for it to end, stop it, or "
-                              "choose another run.dir") from None
+            raise ConfigError(self.busy() or f"run.dir {self.path} is being written by another training") from None
         lock_file.seek(0)
         lock_file.truncate()
         lock_file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
