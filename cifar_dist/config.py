@@ -186,9 +186,9 @@ class TrainConfig:
                                       range=AT_LEAST_1)
     max_steps: int = option(0, "stop after this many optimizer steps, with last.pt written (0: no limit)",
                             range=AT_LEAST_0)
-    profile: str = option("", "'START:STOP': profile the optimizer steps after step START up to step STOP with "
-                          "torch.profiler: a Chrome/Perfetto trace and a table of the top operators in "
-                          "run.dir/profile/ (rank 0; empty: off)", check=_step_window_problem)
+    profile: str = option("", "'START:STOP' (quoted in YAML): profile the optimizer steps after step START up to "
+                          "step STOP with torch.profiler: a Chrome/Perfetto trace and a table of the top operators "
+                          "in run.dir/profile/ (rank 0; empty: off)", check=_step_window_problem)
     profile_all_ranks: bool = option(False, "train.profile on every rank, the files named per rank")
     tta: object = option(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + ±1 px "
                          "translations (airbench), heavy: 2 + ±2 px translations", TTA_LEVELS)

@@ -287,32 +287,36 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "muon"])
-def test_a_masked_step_is_the_plain_step_when_ok_and_leaves_every_bit_when_not(optimizer_name):
+def test_a_masked_step_is_the_plain_step_when_kept_and_leaves_every_bit_when_not(optimizer_name):
     plain_model, plain_opt, plain_ema, _ = _masked_run(optimizer_name)
     model, optimizer, ema, masked = _masked_run(optimizer_name)
-    ok, bad = torch.tensor(True), torch.tensor(False)
 
     def plain_step(step: int, seed: int) -> None:
         _set_grads(plain_model, seed)
         plain_opt.step()
         plain_ema.update(plain_model, step)
 
-    for step in (1, 2):  # the plain step and the masked one, with momentum and Muon's counters under way
+    def masked_step(step: int, seed: int, scale: float = 1.0, keep: bool = True):
+        _set_grads(model, seed, scale)
+        taken = masked.take(lambda: ema.update(model, step), ema_updates=True)
+        masked.keep(taken, torch.tensor(keep))
+        return taken
+
+    for step in (1, 2):  # the plain step and the kept one, with momentum and Muon's counters under way
         plain_step(step, seed=step)
-        _set_grads(model, seed=step)
-        masked.step(ok, lambda: ema.update(model, step), ema_updates=True)
+        assert not masked_step(step, seed=step).nonfinite
         _assert_same(_everything(model, optimizer, ema), _everything(plain_model, plain_opt, plain_ema))
 
     before = _everything(model, optimizer, ema)
-    _set_grads(model, seed=99, scale=float("nan"))  # a step whose gradient is NaN, masked out
-    changes = masked.step(bad, lambda: ema.update(model, 3), ema_updates=True)
-    masked.undo_host(changes)  # the host learns of the skip a step later
+    taken = masked_step(3, seed=99, scale=float("nan"), keep=False)  # a NaN gradient: found, and put back
+    assert taken.nonfinite
+    if optimizer_name == "muon":  # Muon counts its steps on the host
+        assert _everything(model, optimizer, ema)["groups"] != before["groups"]
+    masked.undo_host(taken)  # the host learns of the skip a step later
     _assert_same(_everything(model, optimizer, ema), before)
-    assert (changes != []) == (optimizer_name == "muon")  # Muon counts its steps on the host
 
     plain_step(3, seed=3)  # the skipped step never happened: the runs go on equal
-    _set_grads(model, seed=3)
-    masked.step(ok, lambda: ema.update(model, 3), ema_updates=True)
+    masked_step(3, seed=3)
     _assert_same(_everything(model, optimizer, ema), _everything(plain_model, plain_opt, plain_ema))
 
 
@@ -320,30 +324,24 @@ def test_a_skipped_first_step_keeps_the_zero_momentum_it_starts_from():
     model, optimizer, ema, masked = _masked_run("sgd")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     _set_grads(model, seed=0, scale=float("inf"))
-    masked.step(torch.tensor(False), lambda: None, ema_updates=False)
+    taken = masked.take(lambda: None, ema_updates=False)
+    assert taken.nonfinite
+    masked.keep(taken, torch.tensor(False))
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p.requires_grad]
     assert buffers and all(not b.any() for b in buffers)
 
 
-def test_flags_count_nonfinite_steps_on_the_device_and_reach_the_host_later():
-    from cifar_dist.engine.step_flags import NonfiniteCount, agree
+def test_the_flags_keep_a_step_only_when_loss_and_update_are_finite_and_reach_the_host_as_agreed():
+    from cifar_dist.engine.step_flags import agree
 
     finite, nan, inf = torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(float("inf"))
-    count = NonfiniteCount(streak=0, total=5, device=torch.device("cpu"), scaler_enabled=False)
     seen = []
-    for step, (loss, grad_norm) in enumerate([(finite, finite), (nan, nan), (finite, inf), (finite, finite),
-                                              (inf, finite)], start=1):
-        ok, pending = agree(step, loss, grad_norm, stop=2 if step == 4 else 0, checkpoint_due=step == 2,
-                            count=count, distributed=False)
+    for step, (loss, update_bad) in enumerate([(finite, False), (nan, True), (finite, True), (inf, False)], start=1):
+        ok, pending = agree(step, loss, torch.tensor(update_bad), stop=2 if step == 3 else 0,
+                            checkpoint_due=step == 2, distributed=False)
         flags = pending.read()
         assert bool(ok) == (not flags.skipped) and flags.step == step
-        seen.append((flags.skipped, flags.counted, flags.streak, flags.total, flags.stop, flags.checkpoint_due))
-    assert seen == [(False, False, 0, 5, 0, False), (True, True, 1, 6, 0, True), (True, True, 2, 7, 0, False),
-                    (False, False, 0, 7, 2, False), (True, True, 1, 8, 0, False)]
-
-    scaled = NonfiniteCount(streak=1, total=1, device=torch.device("cpu"), scaler_enabled=True)
-    _, pending = agree(7, finite, inf, 0, False, scaled, distributed=False)  # an fp16 overflow: the scaler's
-    assert pending.read()[1:5] == (True, False, 1, 1)  # skipped, not counted, the streak kept
-    _, pending = agree(8, nan, finite, 0, False, scaled, distributed=False)
-    assert pending.read()[1:5] == (True, True, 2, 2)
+        seen.append((flags.loss_nonfinite, flags.update_nonfinite, flags.skipped, flags.stop, flags.checkpoint_due))
+    assert seen == [(False, False, False, 0, False), (True, True, True, 0, True), (False, True, True, 2, False),
+                    (True, False, True, 0, False)]

@@ -6,8 +6,8 @@ same augmentation, optimizer, schedule and EMA. Both do the recipe's work and no
 bare side is the loop below (augment, forward, loss, backward, the recipe's gradient clipping,
 optimizer step, schedule, and the EMA update when the recipe has an EMA). The Trainer side runs
 `Trainer.run_epoch` as training does, so the ratio is what the framework adds: per-step seeded
-generators, the gradient-norm check, the flags agreed per step with the non-finite step masked
-out on the device, the loss and accuracy meters, the progress logging.
+generators, the flags agreed per step with a non-finite step put back on the device (a copy and a
+select of what the step writes), the loss and accuracy meters, the progress logging.
 
 Two ratios, each timed on epochs in alternating order (ABBA) after one untimed epoch of each side:
 - steps: the training steps alone (`run_epoch(evaluate=False, save=False)`: no checkpoint written,
@@ -193,8 +193,8 @@ def main(argv=None) -> int:
         f"the whole epoch (epoch_ratio_*); median and min-max over repeats; target for the steps <= {TARGET_RATIO}",
         "both sides do the recipe's work (augment, forward, loss, backward, the recipe's clipping, optimizer step, "
         "schedule, EMA when the recipe has one), built by engine/build.py from one config; the Trainer adds "
-        "per-step generators, the gradient-norm check, the per-step flags (agreed on the device, read a step "
-        "late, a non-finite step masked out), meters and logging",
+        "per-step generators, the per-step flags (agreed on the device, read a step late, a non-finite "
+        "step put back on the device: a copy and a select of what the step writes), meters and logging",
         "whole epoch: Trainer.run_epoch(evaluate=True, save=True) (evaluation of model and EMA, metric files, "
         "last.pt and best*.pt written with fsync) against the bare loop + the same evaluation + one torch.save "
         "of the same state; the checkpoint timer is off",

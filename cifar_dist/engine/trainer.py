@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import sys
 import time
 from itertools import islice
 
@@ -30,7 +31,7 @@ from cifar_dist.engine.profiling import StepProfiler
 from cifar_dist.engine.run_log import RunLength, RunLogger
 from cifar_dist.engine.run_log.wandb_sink import check_wandb
 from cifar_dist.engine.run_dir import RunFolder, resolve_run_dir
-from cifar_dist.engine.step_flags import NonfiniteCount, PendingFlags, StepFlags, agree
+from cifar_dist.engine.step_flags import PendingFlags, StepFlags, agree
 from cifar_dist.engine.stopping import INTERRUPT, StopRequests
 from cifar_dist.errors import ConfigError, ExitCode, UserError, one_line
 from cifar_dist.outputs import check_writable
@@ -70,8 +71,9 @@ class EpochMeter:
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.count, self.start = 0, time.perf_counter()
 
-    def add(self, losses: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum += losses.detach().sum().double()
+    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One micro-batch: the sum of its per-image losses, its logits and labels."""
+        self.loss_sum += loss_sum.double()
         self.correct += (logits.detach().argmax(dim=1) == labels).sum()
         self.count += len(labels)
 
@@ -116,9 +118,8 @@ class Trainer:
             self.logger.load_history(self.progress.history)
         self.stops = StopRequests(self.log)
         self.last_checkpoint_time = time.monotonic()
+        self.trainable = [q for q in self.run.model.parameters() if q.requires_grad]
         self.masked = MaskedStep(self.run.optimizer, self.run.model, self.run.ema)
-        self.nonfinite = NonfiniteCount(self.progress.nonfinite_streak, self.progress.nonfinite_total, env.device,
-                                        self.run.scaler.is_enabled())
         self.pending: PendingFlags | None = None  # the flags of the last step, on their way to the host
         self.profiler = StepProfiler(cfg.train.profile, self.run_dir, env, cfg.train.profile_all_ranks)
 
@@ -134,9 +135,7 @@ class Trainer:
             check_writable(self.run_dir, "run.dir", folder=True)
         except ConfigError as err:
             return str(err)
-        holder = self.folder.holder()
-        return holder and (f"run.dir {self.run_dir} is being written by another training ({holder}); wait for it "
-                           "to end, stop it, or choose another run.dir")
+        return self.folder.busy()
 
     def _claim_folder(self) -> str | None:
         """Create and lock the run folder, describe the run in it, start train.log; the problem, if any."""
@@ -188,9 +187,16 @@ class Trainer:
             return outcome
 
     def _set_status(self, status: str, **details) -> None:
-        if self.env.is_main:
+        """status.json on rank 0; a failing write (a full disk) is reported and never hides the run's own
+        outcome or error."""
+        if not self.env.is_main:
+            return
+        try:
             self.folder.set_status(status, step=self.progress.global_step, total_steps=self.run.plan.total_steps,
                                    **details)
+        except (OSError, UserError) as err:
+            print(f"warning: cannot record status {status!r} in {self.run_dir}: {one_line(err)}", file=sys.stderr,
+                  flush=True)
 
     def _fit(self) -> Outcome:
         p, max_steps = self.progress, self.cfg.train.max_steps
@@ -233,7 +239,7 @@ class Trainer:
         run.net.train()
         meter = EpochMeter(self.env.device, p.partial_epoch)
         self.logger.start_epoch(p.epoch + 1, end)
-        step_loss = torch.zeros((), device=self.env.device)
+        step_loss = None
         for micro_step, (images, labels) in enumerate(islice(run.train_loader, start * accum, end * accum),
                                                      start=start * accum):
             if micro_step % accum == 0:
@@ -245,21 +251,23 @@ class Trainer:
                     logits = run.net(inputs)
                 losses = soft_target_cross_entropy(logits, targets, tc.label_smoothing, reduction="none")
                 run.scaler.scale(losses.sum() * run.loss_scale).backward()
-            meter.add(losses, logits, labels)
-            step_loss += losses.detach().sum()
+            loss_sum = losses.detach().sum()
+            meter.add(loss_sum, logits, labels)
+            step_loss = loss_sum if step_loss is None else step_loss + loss_sum
             if not last_micro:
                 continue
             previous = self._optimizer_step(step_loss)  # the flags of the step before this one
-            step_loss = torch.zeros((), device=self.env.device)
+            step_loss = None
             self._report_profile(self.profiler.after_step(p.global_step))
-            if self._diverged(previous):
+            if self._diverged():
                 return Outcome.DIVERGED
             step_in_epoch = p.global_step - p.epoch * steps
             self.logger.step(step_in_epoch, p.global_step, losses.detach().mean(), run.scheduler.get_last_lr()[0])
             stop, due = (previous.stop, previous.checkpoint_due) if previous else (0, False)
             reached_max = tc.max_steps and p.global_step >= tc.max_steps
             if (stop or due and save or reached_max) and step_in_epoch < end:
-                if self._diverged(self._settle()):  # this step's own flags, before its state is kept
+                self._settle()  # this step's own flags, before its state is kept
+                if self._diverged():
                     return Outcome.DIVERGED
                 p.partial_epoch = meter.totals()
                 if save:
@@ -269,7 +277,8 @@ class Trainer:
                     return Outcome.INTERRUPTED if stop == INTERRUPT else Outcome.PREEMPTED
                 if reached_max:
                     return Outcome.MAX_STEPS
-        if self._diverged(self._settle()):
+        self._settle()
+        if self._diverged():
             return Outcome.DIVERGED
         p.partial_epoch = meter.totals()
         return None
@@ -285,11 +294,11 @@ class Trainer:
             torch.cuda.manual_seed(dropout_seed)
         return make_generator(seed, rank, epoch, micro_step, self.env.device)
 
-    def _agree(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, PendingFlags]:
-        """This step's flags, agreed by all ranks in one small all-reduce on the device; (ok, pending): ok masks the
-        step on the device, pending carries the flags to the host, which reads them after the next step."""
-        return agree(self.progress.global_step + 1, loss, grad_norm, self.stops.kind, self._checkpoint_due(),
-                     self.nonfinite, self.env.distributed)
+    def _agree(self, loss: torch.Tensor, update_nonfinite: torch.Tensor) -> tuple[torch.Tensor, PendingFlags]:
+        """This step's flags, agreed by all ranks in one small all-reduce on the device; (ok, pending): ok keeps the
+        step (on the device), pending carries the flags to the host, which reads them after the next step."""
+        return agree(self.progress.global_step + 1, loss, update_nonfinite, self.stops.kind, self._checkpoint_due(),
+                     self.env.distributed)
 
     def _checkpoint_due(self) -> bool:
         """train.checkpoint_interval_min has passed since the last checkpoint or the last time it was asked for
@@ -309,20 +318,21 @@ class Trainer:
         return int(kind.item())
 
     def _optimizer_step(self, step_loss: torch.Tensor) -> StepFlags | None:
-        """Unscale, clip, step: with no host read. A non-finite loss or gradient masks the step out on the device
-        (`MaskedStep`) and counts toward train.max_nonfinite_steps; an fp16 overflow of the gradient is masked out
-        too but not counted: it is the scaler's business (it lowers its scale). The schedule steps either way.
-        Returns the flags of the step before, read now that this one is queued (None at a launch's first)."""
+        """Unscale, clip, step, with no host read. A step whose loss or update is not finite is put back on the
+        device (`MaskedStep`) and counts toward train.max_nonfinite_steps; an fp16 overflow of the gradient is
+        put back too but not counted: it is the scaler's business (it lowers its scale). The schedule steps
+        either way. Returns the flags of the step before, read now that this one is queued (None at the first)."""
         run, tc, p = self.run, self.cfg.train, self.progress
         run.scaler.unscale_(run.optimizer)
-        params = [q for q in run.model.parameters() if q.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip_norm or float("inf"))
-        ok, pending = self._agree(step_loss, grad_norm)
+        if tc.grad_clip_norm:  # a non-finite norm makes the gradient, and so the update, non-finite
+            torch.nn.utils.clip_grad_norm_([q for q in self.trainable if q.grad is not None], tc.grad_clip_norm)
         previous = self._settle()  # waits for the step before this one only
         step = p.global_step + 1
-        pending.host_changes = self.masked.step(ok, lambda: run.ema.update(run.model, step),
-                                                ema_updates=run.ema.enabled and step % run.ema.every == 0)
-        self.pending = pending
+        taken = self.masked.take(lambda: run.ema.update(run.model, step),
+                                 ema_updates=run.ema.enabled and step % run.ema.every == 0)
+        ok, self.pending = self._agree(step_loss, taken.nonfinite)
+        self.pending.taken = taken
+        self.masked.keep(taken, ok)
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
@@ -332,27 +342,29 @@ class Trainer:
         return previous
 
     def _settle(self) -> StepFlags | None:
-        """Read the flags of the last step taken (waiting for that step only) and take them in: the skip's count
-        and warning, and the host values a skipped step changed put back. None when there are none."""
+        """Read the flags of the last step taken (waiting for that step only) and take them in: the host values a
+        skipped step changed put back, the count of non-finite steps and its warning. None when there are none."""
         pending, self.pending = self.pending, None
         if pending is None:
             return None
-        flags = pending.read()
-        p = self.progress
-        p.nonfinite_streak, p.nonfinite_total = flags.streak, flags.total
+        flags, p = pending.read(), self.progress
         if flags.skipped:
-            self.masked.undo_host(pending.host_changes)
-        if flags.counted:
+            self.masked.undo_host(pending.taken)
+        if flags.loss_nonfinite or flags.update_nonfinite and not self.run.scaler.is_enabled():
+            p.nonfinite_streak += 1
+            p.nonfinite_total += 1
             self.log(f"warning: non-finite loss or gradient at step {flags.step}: step skipped "
-                     f"({flags.streak} in a row)")
+                     f"({p.nonfinite_streak} in a row)")
+        elif not flags.skipped:
+            p.nonfinite_streak = 0
         return flags
 
-    def _diverged(self, flags: StepFlags | None) -> bool:
-        """Whether flags end the run: train.max_nonfinite_steps non-finite steps in a row (said once, here)."""
-        limit = self.cfg.train.max_nonfinite_steps
-        if flags is None or flags.streak < limit:
+    def _diverged(self) -> bool:
+        """Whether the run ends here: train.max_nonfinite_steps non-finite steps in a row (said once, here)."""
+        streak, limit = self.progress.nonfinite_streak, self.cfg.train.max_nonfinite_steps
+        if streak < limit:
             return False
-        self.log(f"error: {flags.streak} consecutive steps with a non-finite loss (limit "
+        self.log(f"error: {streak} consecutive steps with a non-finite loss (limit "
                  f"train.max_nonfinite_steps={limit}); stopping. The last good checkpoint "
                  f"{self.run_dir / LAST} is intact: lower train.lr or enable gradient clipping")
         return True

@@ -57,7 +57,8 @@ class Terminal(LogSink):
         self.pace.step()
         if self.first_step is None:
             self.first_step = global_step
-        if not self.estimated and self.length and self.pace.timed_steps >= ESTIMATE_AFTER_STEPS:
+        timed = self.pace.timed_steps >= ESTIMATE_AFTER_STEPS and self.pace.seconds_per_step
+        if self.length and timed and not self.estimated:
             self._print_estimate(global_step)
         if self.bar is not None:
             self.bar.update(step_in_epoch - self.bar.n)
