@@ -58,6 +58,21 @@ _MEANINGS = {
 }
 
 
+_STATUS_WORDS = {
+    ExitCode.FINISHED: "finished",
+    ExitCode.USER_ERROR: "failed",
+    ExitCode.DIVERGED: "diverged",
+    ExitCode.PREEMPTED: "stopped",
+    ExitCode.INTERRUPTED: "stopped",
+}
+
+
+def exit_status(code: int) -> str:
+    """The word status.json, slurm.json and sweep-summary use for a run that ended with this code: finished,
+    failed (bad input), diverged, stopped, or crashed (an exception, a signal, any other code)."""
+    return _STATUS_WORDS.get(code, "crashed")
+
+
 def describe_exit(code: int) -> str:
     """'exit code 75 (stopped by SIGTERM/SIGUSR2)', 'killed by SIGKILL' for a process's return code."""
     if code < 0:

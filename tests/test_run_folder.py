@@ -87,3 +87,15 @@ def test_a_divergence_is_recorded(data_root, tmp_path):
     assert result.returncode == 3
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "diverged" and status["exit_code"] == 3
+
+
+def test_one_status_vocabulary_for_how_a_run_ended():
+    """status.json (the trainer), slurm.json (the launcher) and sweep-summary use the same words."""
+    from cifar_dist.engine.trainer import Outcome
+    from cifar_dist.errors import ExitCode, exit_status
+
+    for outcome in Outcome:
+        if outcome is not Outcome.MAX_STEPS:  # max_steps is a finished run (exit 0) that says why it stopped early
+            assert exit_status(outcome.exit_code) == outcome.status, outcome
+    assert exit_status(ExitCode.USER_ERROR) == "failed"
+    assert exit_status(ExitCode.CRASHED) == exit_status(-9) == exit_status(17) == "crashed"

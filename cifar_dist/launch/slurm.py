@@ -44,7 +44,7 @@ from pathlib import Path
 from cifar_dist import run_files
 from cifar_dist.atomic import atomic_write
 from cifar_dist.config import KEYS_HINT, load_config, parse_override
-from cifar_dist.errors import ArgumentParser, ConfigError, ExitCode, at_least, describe_exit, one_line
+from cifar_dist.errors import ArgumentParser, ConfigError, ExitCode, at_least, describe_exit, exit_status, one_line
 
 SCONTROL_TRIES = 3  # a controller busy for a moment must not end a run that Slurm keeps running
 SCONTROL_RETRY_WAIT_S = 5.0
@@ -173,7 +173,7 @@ class SlurmTraining:
         except Exception as err:  # OOM, NCCL, a bug: say so in slurm.json, then end the task as before
             if is_main:
                 cause = f"{type(err).__name__}: {one_line(err)}"
-                ledger.note(f"failed: {cause}; not requeued", status="failed", cause=cause,
+                ledger.note(f"crashed: {cause}; not requeued", status="crashed", cause=cause,
                             exit_code=ExitCode.CRASHED)
             raise
         if is_main:
@@ -188,7 +188,8 @@ class SlurmTraining:
             return
         if code != ExitCode.PREEMPTED:
             cause = f"{describe_exit(code)}, see {stderr}"
-            ledger.note(f"failed: {cause}; not requeued", status="failed", cause=cause, exit_code=code)
+            ledger.note(f"{exit_status(code)}: {cause}; not requeued", status=exit_status(code), cause=cause,
+                        exit_code=code)
             return
         saved = "stopped with last.pt written"
         try:
