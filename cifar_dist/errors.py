@@ -60,7 +60,6 @@ _MEANINGS = {
 
 _STATUS_WORDS = {
     ExitCode.FINISHED: "finished",
-    ExitCode.USER_ERROR: "failed",
     ExitCode.DIVERGED: "diverged",
     ExitCode.PREEMPTED: "stopped",
     ExitCode.INTERRUPTED: "stopped",
@@ -69,8 +68,9 @@ _STATUS_WORDS = {
 
 def exit_status(code: int) -> str:
     """The word status.json, slurm.json and sweep-summary use for a run that ended with this code: finished,
-    failed (bad input), diverged, stopped, or crashed (an exception, a signal, any other code)."""
-    return _STATUS_WORDS.get(code, "crashed")
+    diverged, stopped, or failed (an exception or bad input; the recorded cause says which). A run that
+    died without a word (SIGKILL, a lost node) is `crashed`, which only `run_files.run_status` can tell."""
+    return _STATUS_WORDS.get(code, "failed")
 
 
 def describe_exit(code: int) -> str:

@@ -144,17 +144,17 @@ def sweep_summary_statuses(root: Path) -> list[str]:
     return list(pd.read_csv(root / "sweep_summary.csv")["status"])
 
 
-def test_a_crash_in_mid_epoch_is_recorded_as_crashed_and_not_requeued(slurm_cluster, data_root, tmp_path):
+def test_a_crash_in_mid_epoch_is_recorded_as_failed_and_not_requeued(slurm_cluster, data_root, tmp_path):
     root = tmp_path / "root"
     crash = ["model.name=crash_after", "model.crash_after=20", "run.imports=[tiny_models]", "train.epochs=3"]
     [(job_id, run_dir)] = submit(slurm_cluster, root, *slurm_args(data_root, *crash))
     wait_gone(slurm_cluster, job_id)  # a requeued job would wait in the queue
     state, log = slurm_state(run_dir), rank0_log(run_dir, job_id)
-    assert (state["status"], state["exit_code"], state["starts"], state["requeues"]) == ("crashed", 1, 1, 0), \
+    assert (state["status"], state["exit_code"], state["starts"], state["requeues"]) == ("failed", 1, 1, 0), \
         log[-3000:]
     assert re.fullmatch(r"RuntimeError: crash_after: training forward \d+ fails on purpose", state["cause"]), state
     assert "epoch 2 step 1/" in log and "epoch 3 step" not in log  # 14 steps an epoch: it crashed in epoch 2
-    assert sweep_summary_statuses(root) == ["crashed"]  # the same word in slurm.json, status.json and the summary
+    assert sweep_summary_statuses(root) == ["failed"]  # the same word in slurm.json, status.json and the summary
 
 
 def test_scancel_is_recorded_as_cancelled_and_not_requeued(slurm_cluster, data_root, tmp_path):

@@ -168,7 +168,7 @@ class Trainer:
 
     def fit(self) -> Outcome:
         """Train to train.epochs, or until stopped; the Outcome carries its exit code. status.json records
-        how the run ended (with the cause when it failed or crashed). The caller closes the trainer."""
+        how the run ended (with the cause when it failed). The caller closes the trainer."""
         with self.stops:
             try:
                 outcome = self._fit()
@@ -180,7 +180,7 @@ class Trainer:
                                  exit_code=int(ExitCode.INTERRUPTED))
                 raise
             except BaseException as err:
-                self._set_status("crashed", cause=f"{type(err).__name__}: {one_line(err)}",
+                self._set_status("failed", cause=f"{type(err).__name__}: {one_line(err)}",
                                  exit_code=int(ExitCode.CRASHED))
                 raise
             self._set_status(outcome.status, cause=outcome.description, exit_code=int(outcome.exit_code))

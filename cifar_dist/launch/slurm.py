@@ -173,7 +173,7 @@ class SlurmTraining:
         except Exception as err:  # OOM, NCCL, a bug: say so in slurm.json, then end the task as before
             if is_main:
                 cause = f"{type(err).__name__}: {one_line(err)}"
-                ledger.note(f"crashed: {cause}; not requeued", status="crashed", cause=cause,
+                ledger.note(f"failed: {cause}; not requeued", status="failed", cause=cause,
                             exit_code=ExitCode.CRASHED)
             raise
         if is_main:
