@@ -86,6 +86,9 @@ def test_train_throughput_runs_every_toggle_through_the_cli(bench_data, tmp_path
     measured = frame[frame.toggle != "sync_bn=on"]
     assert (measured.images_per_s > 0).all() and (measured.step_ms > 0).all() and measured.peak_memory_mb.isna().all()
     assert (measured.batch == 32).all() and (measured.steps == 2).all()
+    flops_per_image = measured.tflops * 1e12 / measured.images_per_s  # the same model in every row
+    assert flops_per_image.min() > 0 and flops_per_image.max() == pytest.approx(flops_per_image.min(), rel=1e-9)
+    assert measured.mfu.isna().all()  # no known peak for a CPU
     assert list(measured.amp) == ["off", "off", "bfloat16", "float16", "off", "off", "bfloat16"]
     assert list(measured.grad_scaler) == [False, False, False, True, False, False, False]
     assert list(measured.channels_last) == [True, False, True, True, True, True, True]
@@ -95,7 +98,7 @@ def test_train_throughput_runs_every_toggle_through_the_cli(bench_data, tmp_path
     assert np.isnan(sync.images_per_s) and "CUDA only" in sync.note
     assert frame.vs_baseline.iloc[0] == 1.0
     check_markdown(markdown, "train_throughput", ["model", "toggle", "images_per_s", "vs_baseline", "step_ms",
-                                                  "peak_memory_mb", "note"])
+                                                  "tflops", "mfu", "peak_memory_mb", "note"])
     assert "warm-up epoch" in markdown
 
 

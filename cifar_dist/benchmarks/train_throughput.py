@@ -30,6 +30,7 @@ from cifar_dist.benchmarks.common import (Report, add_common_arguments, bench_co
                                           write_report)
 from cifar_dist.engine.distributed import DistEnv
 from cifar_dist.errors import ArgumentParser, UserError
+from cifar_dist.peak_flops import mfu
 
 NAME = "train_throughput"
 # Every toggle off; each row then turns one on.
@@ -142,12 +143,14 @@ def time_row(row: Row, env: DistEnv) -> None:
 def figures(row: Row) -> dict:
     """The CSV row of a measured (or skipped, or failed) Row."""
     out = {"model": row.model, "toggle": row.toggle, "images_per_s": float("nan"), "step_ms": float("nan"),
-           "peak_memory_mb": float("nan"), "note": row.note}
+           "tflops": float("nan"), "mfu": float("nan"), "peak_memory_mb": float("nan"), "note": row.note}
     if not row.seconds:
         return out
     plan, cfg, seconds = row.trainer.run.plan, row.cfg, median(row.seconds)
-    out.update(images_per_s=plan.steps_per_epoch * plan.global_batch_size / seconds,
-               step_ms=1000 * seconds / plan.steps_per_epoch,
+    images_per_s = plan.steps_per_epoch * plan.global_batch_size / seconds
+    tflops = plan.train_flops_per_image * images_per_s / 1e12
+    out.update(images_per_s=images_per_s, step_ms=1000 * seconds / plan.steps_per_epoch, tflops=tflops,
+               mfu=mfu(tflops, plan.peak_tflops) or float("nan"),
                peak_memory_mb=row.peak_bytes / 2**20 if row.peak_bytes else float("nan"),
                batch=plan.global_batch_size, steps=plan.steps_per_epoch, repeats=len(row.seconds),
                channels_last=plan.channels_last, amp=plan.amp_dtype, grad_scaler=plan.grad_scaler,
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
         mask = frame.model == model
         base = frame.loc[mask & (frame.toggle == "baseline"), "images_per_s"]
         frame.loc[mask, "vs_baseline"] = frame.loc[mask, "images_per_s"] / base.iloc[0] if len(base) else float("nan")
-    first = ["model", "toggle", "images_per_s", "vs_baseline", "step_ms", "peak_memory_mb"]
+    first = ["model", "toggle", "images_per_s", "vs_baseline", "step_ms", "tflops", "mfu", "peak_memory_mb"]
     frame = frame[first + [c for c in frame.columns if c not in first]]
     rules = [
         f"each row: one untimed warm-up epoch (compile, cuDNN autotuning, optimizer state), then {args.repeats} "
@@ -237,9 +240,13 @@ def main(argv=None) -> int:
         "(model, optimizer state, EMA, the data set on the device) plus the transient peak of its timed epochs, "
         "from torch.cuda's allocator statistics; not measured on the CPU",
         "step_ms: the median epoch divided by its steps",
+        "tflops: the training FLOPs of an image (forward and backward, from torch's FLOP counter) × images/s; "
+        "mfu: tflops over the device's peak dense throughput for the row's dtype (cifar_dist/peak_flops.py), "
+        "empty where the peak is unknown (every CPU)",
     ]
     report = Report(NAME, "Training-step throughput per model and toggle", frame, rules, info,
                     plot=plot(frame, args.models),
-                    columns=["model", "toggle", "images_per_s", "vs_baseline", "step_ms", "peak_memory_mb", "note"])
+                    columns=["model", "toggle", "images_per_s", "vs_baseline", "step_ms", "tflops", "mfu",
+                             "peak_memory_mb", "note"])
     write_report(report, args, argv, quick_size="tiny models and 2 steps")
     return 1 if failed else 0
