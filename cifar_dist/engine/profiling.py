@@ -8,6 +8,7 @@ stops inside the window writes what it recorded.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from torch.profiler import ProfilerAction, ProfilerActivity, profile
@@ -30,6 +31,8 @@ class StepProfiler:
         """Call before each optimizer step's first micro-batch: starts recording at step START."""
         if self.window and self.profile is None and global_step == self.window[0]:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            if not self.cuda:  # a CUDA build of torch on a machine without a GPU: kineto's error line is noise
+                os.environ.setdefault("KINETO_LOG_LEVEL", "5")
             # A schedule that always records, so that each step() closes a ProfilerStep span in the trace.
             self.profile = profile(activities=activities, schedule=lambda _step: ProfilerAction.RECORD)
             self.profile.start()
