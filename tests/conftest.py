@@ -61,6 +61,15 @@ def running(processes: list) -> list:
     return alive
 
 
+def pytest_sessionstart(session):
+    """Let the tests' commands take Ctrl-C as a terminal's foreground job does. A shell without job control
+    starts `cmd &` with SIGINT ignored, every process it starts inherits that, and a Python started so
+    never raises KeyboardInterrupt: the Ctrl-C tests would see a command ignore Ctrl-C. Installing a
+    handler here (rather than SIG_IGN) makes every command the tests start begin with the default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if a test left a process behind; end those processes."""
     try:
