@@ -33,7 +33,7 @@ from cifar_dist.engine.run_log.wandb_sink import check_wandb
 from cifar_dist.engine.run_dir import RunFolder, resolve_run_dir
 from cifar_dist.engine.step_flags import PendingFlags, StepFlags, agree
 from cifar_dist.engine.stopping import INTERRUPT, StopRequests
-from cifar_dist.errors import ConfigError, ExitCode, UserError, one_line
+from cifar_dist.errors import ConfigError, ExitCode, UserError, exit_status, one_line
 from cifar_dist.outputs import check_writable
 from cifar_dist.run_files import BEST, BEST_EMA, LAST
 from cifar_dist.metrics import per_class_scores
@@ -173,14 +173,15 @@ class Trainer:
             try:
                 outcome = self._fit()
             except UserError as err:
-                self._set_status("failed", cause=one_line(err), exit_code=int(ExitCode.USER_ERROR))
+                self._set_status(exit_status(ExitCode.USER_ERROR), cause=one_line(err),
+                                 exit_code=int(ExitCode.USER_ERROR))
                 raise
             except KeyboardInterrupt:
                 self._set_status("stopped", cause="aborted by a second Ctrl-C",
                                  exit_code=int(ExitCode.INTERRUPTED))
                 raise
             except BaseException as err:
-                self._set_status("failed", cause=f"{type(err).__name__}: {one_line(err)}",
+                self._set_status(exit_status(ExitCode.CRASHED), cause=f"{type(err).__name__}: {one_line(err)}",
                                  exit_code=int(ExitCode.CRASHED))
                 raise
             self._set_status(outcome.status, cause=outcome.description, exit_code=int(outcome.exit_code))
